@@ -1,0 +1,202 @@
+"""Run one task on one provider: build each item's requests, score it, stream ItemRecords, aggregate."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from llmlab_fixtures.errors import ConfigError
+from llmlab_fixtures.metrics import (
+    acc,
+    acc_norm,
+    aggregate,
+    apply_filter,
+    argmax,
+    cut_at_stop,
+    exact_match,
+    mc2,
+    normalize_answer,
+    normalized_scores,
+    parse_choice_letter,
+)
+from llmlab_fixtures.prompts import (
+    ExemplarSampler,
+    choice_order,
+    generation_request,
+    letter_request,
+    loglikelihood_requests,
+)
+from llmlab_fixtures.providers.base import GenerationResult, LoglikelihoodUnsupported, Provider
+from llmlab_fixtures.records import ItemRecord, TaskRun
+from llmlab_fixtures.tasks.definitions import TaskDefinition
+
+Doc = Mapping[str, Any]
+
+
+def _score_loglik(task: TaskDefinition, provider: Provider, doc: Doc, exemplars: list[Doc], record: ItemRecord) -> None:
+    choices = task.choices(doc)
+    gold = task.target(doc)
+    labels = task.labels(doc)
+    record.gold = gold
+    requests = loglikelihood_requests(task, doc, exemplars)
+    started = time.perf_counter()
+    results = provider.loglikelihood(requests)  # all choices at once: the backend shares the context
+    record.latency_s = time.perf_counter() - started
+    if len(results) != len(requests):
+        raise RuntimeError(f"provider returned {len(results)} results for {len(requests)} requests")
+    lls = [float(r.logprob) for r in results]
+    record.loglikelihoods = lls
+    record.prompt_tokens = sum(r.context_tokens + r.continuation_tokens for r in results)
+    record.evaluated_tokens = sum(r.evaluated_tokens for r in results)
+    for spec in task.metrics_for("loglik"):
+        if spec.function == "acc":
+            record.metrics[spec.name] = acc(lls, gold)
+        elif spec.function == "acc_norm":
+            record.metrics[spec.name] = acc_norm(lls, choices, gold)
+        elif spec.function == "mc2":
+            record.metrics[spec.name] = mc2(lls, labels or [])
+    primary = next(m for m in task.metrics_for("loglik") if m.name == task.primary_metric_for("loglik"))
+    # the prediction is the choice the primary metric picks, so it agrees with `correct`
+    scores = normalized_scores(lls, choices) if primary.function == "acc_norm" else lls
+    record.prediction = argmax(scores)
+    if labels is not None:  # MC2: whether the single most likely answer is a true one
+        record.correct = labels[record.prediction] == 1
+    else:
+        record.correct = record.prediction == gold
+
+
+def _score_letter(
+    task: TaskDefinition, provider: Provider, doc: Doc, exemplars: list[Doc], record: ItemRecord, seed: int
+) -> None:
+    choices = task.option_texts(doc)
+    gold = task.target(doc)
+    record.gold = gold
+    order = choice_order(task, len(choices), record.item_id, seed)
+    request = letter_request(task, doc, exemplars, order)
+    started = time.perf_counter()
+    result = provider.generate(request)
+    record.latency_s = time.perf_counter() - started
+    _copy_generation_counts(record, result)
+    reply = cut_at_stop(result.text, request.stop)
+    record.response = reply
+    position = parse_choice_letter(reply, len(choices))
+    record.prediction = None if position is None else order[position]  # index in the original choice order
+    record.metrics["acc"] = 1.0 if record.prediction == gold else 0.0
+    record.correct = record.prediction == gold
+
+
+def _score_generation(
+    task: TaskDefinition, provider: Provider, doc: Doc, exemplars: list[Doc], record: ItemRecord
+) -> None:
+    target = task.target(doc)
+    record.gold = normalize_answer(target, task.exact_match)
+    request = generation_request(task, doc, exemplars)
+    started = time.perf_counter()
+    result = provider.generate(request)
+    record.latency_s = time.perf_counter() - started
+    _copy_generation_counts(record, result)
+    response = cut_at_stop(result.text, request.stop)
+    record.response = response
+    filters = {f.name: f for f in task.filters}
+    extracted: dict[str, str] = {}
+    for spec in task.metrics:  # all exact_match (checked when the task is loaded)
+        answer = apply_filter(response, filters[spec.filter]) if spec.filter else response
+        extracted[spec.name] = answer
+        record.metrics[spec.name] = exact_match(answer, target, task.exact_match)
+    primary = task.primary_metric_for("generate")
+    record.prediction = extracted[primary]
+    record.correct = record.metrics[primary] == 1.0
+
+
+def _copy_generation_counts(record: ItemRecord, result: GenerationResult) -> None:
+    record.prompt_tokens = result.prompt_tokens
+    record.completion_tokens = result.completion_tokens
+    record.evaluated_tokens = result.evaluated_tokens
+    record.ttft_s = result.ttft_s
+
+
+def evaluate(
+    task: TaskDefinition,
+    provider: Provider,
+    docs: Sequence[Doc],
+    *,
+    model_name: str,
+    fewshot_docs: Sequence[Doc] | None,
+    scoring: str,
+    num_fewshot: int | None,
+    seed: int = 1234,
+    fixed_fewshot: bool = False,
+    on_item: Callable[[ItemRecord], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> TaskRun:
+    """Score ``docs`` (prepared by ``datasets.load_docs``) with ``provider`` and aggregate the metrics.
+
+    ``scoring`` picks how multiple-choice items are scored ("loglik" or "generate"); generation tasks
+    always generate. ``num_fewshot`` None means the task's default. A provider exception on one item
+    is recorded in that item's ``error`` and the run goes on.
+    """
+    reason = task.unsupported_reason(scoring)
+    if reason:
+        raise ConfigError(reason)
+    mode = task.effective_scoring(scoring)
+    if mode == "loglik" and not provider.supports_loglikelihood:
+        raise ConfigError(
+            f"backend {provider.backend} returns no prompt log-probabilities, so {task.name} cannot be scored "
+            "by log-likelihood; use --scoring generate"
+        )
+    shots = task.num_fewshot if num_fewshot is None else num_fewshot
+    if shots < 0:
+        raise ConfigError(f"--num-fewshot must be >= 0, got {shots}")
+    sampler = ExemplarSampler(task, fewshot_docs, shots, seed=seed, fixed=fixed_fewshot)
+    started = time.perf_counter()
+    items: list[ItemRecord] = []
+    group_positions: dict[str | None, int] = {}
+    total = len(docs)
+    for position, doc in enumerate(docs):
+        group = task.group(doc) if task.group_field else None
+        group_position = group_positions.get(group, 0)
+        group_positions[group] = group_position + 1
+        record = ItemRecord(
+            model=model_name,
+            backend=provider.backend,
+            dataset=task.name,
+            item_id=task.doc_id(doc, position, group_position),
+            prediction=None,
+            gold=None,
+            correct=None,
+            group=group,
+        )
+        exemplars = sampler.exemplars(doc)  # drawn for every item, in order, as lm-eval does
+        item_started = time.perf_counter()
+        try:
+            if mode == "loglik":
+                _score_loglik(task, provider, doc, exemplars, record)
+            elif task.is_multiple_choice:
+                _score_letter(task, provider, doc, exemplars, record, seed)
+            else:
+                _score_generation(task, provider, doc, exemplars, record)
+        except LoglikelihoodUnsupported as exc:
+            raise ConfigError(f"{exc}; use --scoring generate") from exc
+        except Exception as exc:  # provider failure (or an unscorable doc): record it, go on
+            record.error = f"{type(exc).__name__}: {exc}"
+            record.correct = None
+            record.metrics = {}
+            if not record.latency_s:
+                record.latency_s = time.perf_counter() - item_started
+        items.append(record)
+        if on_item is not None:
+            on_item(record)
+        if progress is not None:
+            progress(position + 1, total)
+    return TaskRun(
+        model=model_name,
+        backend=provider.backend,
+        dataset=task.name,
+        scoring=mode,
+        num_fewshot=shots,
+        prompt_version=task.prompt_version_for(mode),
+        metrics=aggregate(task, items, mode),
+        items=items,
+        wall_s=time.perf_counter() - started,
+    )

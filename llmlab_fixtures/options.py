@@ -1,0 +1,165 @@
+"""Command-line options and the validated run configuration built from them."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from llmlab_fixtures.errors import ConfigError
+from llmlab_fixtures.registry import load_models
+from llmlab_fixtures.specs import SPEC_SYNTAX, ModelSpec, parse_specs
+
+EXPORT_FORMATS = ("csv", "json", "markdown")
+SCORING_METHODS = ("auto", "loglik", "generate")
+DEFAULT_MODELS = "local:smollm2-135m"
+
+
+def add_options(parser: pytest.Parser) -> None:
+    """Register llmlab's command-line options."""
+    group = parser.getgroup("llmlab", "llmlab benchmark options")
+    group.addoption("--models", default=None,
+                    help=f"comma-separated models to benchmark (default {DEFAULT_MODELS}); each is {SPEC_SYNTAX}")
+    group.addoption("--limit", default=None, help="score at most N items per dataset (the first N, like lm-eval)")
+    group.addoption("--data-dir", default=None,
+                    help="local mirror of the datasets (<dataset>/<split>.jsonl); default $LLMLAB_DATA_DIR, "
+                         "else the Hugging Face Hub")
+    group.addoption("--output-dir", default=None, help="results directory (default .llmlab/runs/<timestamp>)")
+    group.addoption("--export-format", default=",".join(EXPORT_FORMATS),
+                    help="comma-separated result formats among csv, json, markdown (default all); "
+                         "items.jsonl is always written")
+    group.addoption("--num-fewshot", default=None, help="override every task's number of few-shot examples")
+    group.addoption("--fixed-fewshot", action="store_true",
+                    help="use the same few-shot examples for every item (GSM8K; faster, not lm-eval's default)")
+    group.addoption("--scoring", default="auto",
+                    help="multiple choice by log-likelihood (loglik), by generated letter (generate), or auto: "
+                         "loglik when every model in the run supports it")
+    group.addoption("--seed", default="1234", help="seed for few-shot sampling and option shuffling (default 1234)")
+    group.addoption("--threads", default=None, help="CPU threads per model (default: physical cores / workers)")
+    group.addoption("--model-dir", action="append", default=[], help="a directory with GGUF files (repeatable)")
+    group.addoption("--local-only", action="store_true",
+                    help="keep only local models (cloud models are dropped); the network guard comes with the "
+                         "cloud backends")
+    group.addoption("--use-local", action="store_true",
+                    help="for an alias that exists both locally and as an API, use the local form")
+    group.addoption("--gpu-layers", default="0", help="layers to offload to the GPU for llama.cpp (default 0)")
+    group.addoption("--quantization", default=None,
+                    help="NOT YET HONOURED: choose a model's GGUF by quantization (e.g. Q4_K_M); accepted and "
+                         "reported, the embedded models have one file each")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a benchmark run needs to know, validated once."""
+
+    models: tuple[ModelSpec, ...]
+    output_dir: Path
+    limit: int | None = None
+    data_dir: Path | None = None
+    export_formats: tuple[str, ...] = EXPORT_FORMATS
+    num_fewshot: int | None = None
+    fixed_fewshot: bool = False
+    scoring: str = "auto"
+    seed: int = 1234
+    threads: int | None = None
+    model_dirs: tuple[Path, ...] = ()
+    local_only: bool = False
+    use_local: bool = False
+    gpu_layers: int = 0
+    quantization: str | None = None
+    dropped_models: tuple[str, ...] = ()
+    notices: tuple[str, ...] = field(default_factory=tuple)
+
+    def public_dict(self) -> dict[str, Any]:
+        """The configuration as written into results.json (no secrets are ever part of it)."""
+        return {
+            "models": [m.label for m in self.models],
+            "limit": self.limit,
+            "data_dir": str(self.data_dir) if self.data_dir else None,
+            "output_dir": str(self.output_dir),
+            "export_formats": list(self.export_formats),
+            "num_fewshot": self.num_fewshot,
+            "fixed_fewshot": self.fixed_fewshot,
+            "scoring": self.scoring,
+            "seed": self.seed,
+            "threads": self.threads,
+            "local_only": self.local_only,
+            "use_local": self.use_local,
+            "gpu_layers": self.gpu_layers,
+            "quantization": self.quantization,
+            "dropped_models": list(self.dropped_models),
+            "notices": list(self.notices),
+        }
+
+
+def _int_option(name: str, value: Any, *, minimum: int) -> int | None:
+    if value is None or value == "":
+        return None
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a whole number, got {value!r}") from None
+    if number < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, got {number}")
+    return number
+
+
+def default_output_dir() -> Path:
+    """``.llmlab/runs/<timestamp>`` under the current directory."""
+    return Path(".llmlab") / "runs" / time.strftime("%Y%m%d-%H%M%S")
+
+
+def build_run_config(option: Any, output_dir: Path | None = None) -> RunConfig:
+    """Validate pytest's parsed options into a RunConfig; ConfigError names the option to fix."""
+    formats = tuple(f.strip().lower() for f in str(option.export_format).split(",") if f.strip())
+    formats = tuple("markdown" if f in ("md",) else f for f in formats)
+    unknown = [f for f in formats if f not in EXPORT_FORMATS]
+    if unknown or not formats:
+        raise ConfigError(f"--export-format: unknown format {', '.join(unknown) or '(none)'}; "
+                          f"choose among {', '.join(EXPORT_FORMATS)}")
+    scoring = str(option.scoring).lower()
+    if scoring not in SCORING_METHODS:
+        raise ConfigError(f"--scoring must be one of {', '.join(SCORING_METHODS)}, got {option.scoring!r}")
+    data_dir_value = option.data_dir or os.environ.get("LLMLAB_DATA_DIR")
+    data_dir = Path(data_dir_value).expanduser() if data_dir_value else None
+    if data_dir is not None and not data_dir.is_dir():
+        raise ConfigError(f"data directory {data_dir} does not exist; point --data-dir (or LLMLAB_DATA_DIR) at "
+                          "a mirror laid out as <dataset>/<split>.jsonl, e.g. ../shared/datasets")
+    model_dirs = tuple(Path(p).expanduser() for p in option.model_dir)
+    user_files = (Path("llmlab.toml"), Path("pyproject.toml"))
+    specs = parse_specs(option.models or DEFAULT_MODELS, load_models(user_files), use_local=option.use_local)
+    dropped: tuple[str, ...] = ()
+    if option.local_only:
+        dropped = tuple(s.label for s in specs if not s.is_local)
+        specs = [s for s in specs if s.is_local]
+        if not specs:
+            raise ConfigError(f"--local-only leaves no model to run (dropped {', '.join(dropped)}); "
+                              "add a local model, e.g. --models=local:smollm2-135m")
+    gpu_layers = _int_option("--gpu-layers", option.gpu_layers, minimum=-1) or 0
+    notices = []
+    if option.quantization:
+        notices.append(f"--quantization {option.quantization} is accepted but not yet honoured: "
+                       "each model runs its registered GGUF")
+    return RunConfig(
+        models=tuple(specs),
+        output_dir=output_dir or Path(option.output_dir or default_output_dir()),
+        limit=_int_option("--limit", option.limit, minimum=1),
+        data_dir=data_dir,
+        export_formats=formats,
+        num_fewshot=_int_option("--num-fewshot", option.num_fewshot, minimum=0),
+        fixed_fewshot=bool(option.fixed_fewshot),
+        scoring=scoring,
+        seed=_int_option("--seed", option.seed, minimum=0) or 0,
+        threads=_int_option("--threads", option.threads, minimum=1),
+        model_dirs=model_dirs,
+        local_only=bool(option.local_only),
+        use_local=bool(option.use_local),
+        gpu_layers=gpu_layers,
+        quantization=option.quantization,
+        dropped_models=dropped,
+        notices=tuple(notices),
+    )

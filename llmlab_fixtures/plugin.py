@@ -1,0 +1,197 @@
+"""The pytest plugin: options, model fixtures, xdist grouping, result merging and the comparison table.
+
+Hooks stay thin; the work lives in options, session (worker side), collect (controller side) and storage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from llmlab_fixtures.collect import ResultCollector, summary_property
+from llmlab_fixtures.errors import LlmlabError
+from llmlab_fixtures.options import RunConfig, add_options, build_run_config
+from llmlab_fixtures.providers import BackendSettings, check_available
+from llmlab_fixtures.session import BenchSession, LoadedModel, load_model, run_scoring
+from llmlab_fixtures.storage import remove_parts, write_results
+from llmlab_fixtures.summary import TaskSummary, record_properties
+from llmlab_fixtures.table import comparison_table
+
+RUN_CONFIG = pytest.StashKey[RunConfig]()
+SESSION = pytest.StashKey[BenchSession]()
+COLLECTOR = pytest.StashKey[ResultCollector]()
+OUTPUT_DIR_INPUT = "llmlab_output_dir"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    add_options(parser)
+
+
+def _is_worker(config: pytest.Config) -> bool:
+    return hasattr(config, "workerinput")
+
+
+def _dist_given(config: pytest.Config) -> bool:
+    return any(a == "--dist" or a.startswith("--dist=") or a == "-d" for a in config.invocation_params.args)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "llmlab_dataset(name): a benchmark test that scores one dataset")
+    if getattr(config.option, "numprocesses", None) and not _dist_given(config):
+        config.option.dist = "loadgroup"  # pin each model to one worker: loaded at most once per run
+    if getattr(config.option, "help", False):
+        return
+    output_dir = config.workerinput.get(OUTPUT_DIR_INPUT) if _is_worker(config) else None  # type: ignore[attr-defined]
+    try:
+        run_config = build_run_config(config.option, Path(output_dir) if output_dir else None)
+    except LlmlabError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    config.stash[RUN_CONFIG] = run_config
+    config.stash[SESSION] = BenchSession(run_config, progress=_progress_writer(config))
+    config.stash[COLLECTOR] = ResultCollector()
+    if not _is_worker(config):
+        config.pluginmanager.register(ControllerHooks(config), "llmlab-controller")
+
+
+def _progress_writer(config: pytest.Config) -> Callable[[str], None] | None:
+    if _is_worker(config):
+        return None
+
+    def write(line: str) -> None:
+        reporter = config.pluginmanager.get_plugin("terminalreporter")
+        capture = config.pluginmanager.get_plugin("capturemanager")
+        if reporter is None or capture is None:
+            return
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(line)
+
+    return write
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """xdist: every worker writes into the controller's results directory."""
+    node.workerinput[OUTPUT_DIR_INPUT] = str(node.config.stash[RUN_CONFIG].output_dir)
+
+
+@pytest.hookimpl(optionalhook=True, tryfirst=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """With ``--dist loadgroup`` (set by llmlab for ``-n``), schedule one work unit per model."""
+    if config.getvalue("dist") != "loadgroup" or RUN_CONFIG not in config.stash:
+        return None
+    from llmlab_fixtures.scheduling import ModelScheduling
+
+    return ModelScheduling(config, log, labels=[m.label for m in config.stash[RUN_CONFIG].models])
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Validate every requested model before any test runs (controller only)."""
+    config = session.config
+    if _is_worker(config) or RUN_CONFIG not in config.stash:
+        return
+    run_config = config.stash[RUN_CONFIG]
+    settings = BackendSettings(model_dirs=run_config.model_dirs)
+    for spec in run_config.models:
+        try:
+            check_available(spec, settings)
+        except LlmlabError as exc:
+            raise pytest.UsageError(str(exc)) from None
+
+
+def pytest_report_header(config: pytest.Config) -> list[str] | None:
+    if RUN_CONFIG not in config.stash:
+        return None
+    run = config.stash[RUN_CONFIG]
+    lines = [f"llmlab: models {', '.join(m.label for m in run.models)}; scoring {run_scoring(run)}; "
+             f"data {run.data_dir or 'Hugging Face Hub'}; results {run.output_dir}"]
+    lines += [f"llmlab: {notice}" for notice in run.notices]
+    if run.dropped_models:
+        lines.append(f"llmlab: --local-only dropped {', '.join(run.dropped_models)}")
+    return lines
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Parametrize ``model_spec`` with the requested models, each pinned to one xdist worker."""
+    if "model_spec" not in metafunc.fixturenames:
+        return
+    specs = metafunc.config.stash[RUN_CONFIG].models
+    params = [pytest.param(s, id=s.label, marks=pytest.mark.xdist_group(s.label)) for s in specs]
+    metafunc.parametrize("model_spec", params, scope="session")
+
+
+@pytest.fixture(scope="session")
+def llmlab_session(pytestconfig: pytest.Config) -> BenchSession:
+    """This process's benchmark session (configuration, progress)."""
+    return pytestconfig.stash[SESSION]
+
+
+@pytest.fixture(scope="session")
+def model(model_spec: Any, llmlab_session: BenchSession) -> Iterator[LoadedModel]:
+    """The requested model, loaded once per worker and closed after its last test."""
+    try:
+        loaded = load_model(model_spec, llmlab_session.config)
+    except LlmlabError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    yield loaded
+    loaded.provider.close()
+
+
+@pytest.fixture
+def run_task(model: LoadedModel, llmlab_session: BenchSession,
+             record_property: Callable[[str, object], None]) -> Callable[[str], TaskSummary]:
+    """Score one dataset on ``model``; records accuracy, latency and tokens with ``record_property``."""
+
+    def run(task_name: str) -> TaskSummary:
+        if reason := llmlab_session.unsupported_reason(task_name):
+            pytest.skip(reason)
+        try:
+            summary = llmlab_session.run_task(task_name, model)
+        except LlmlabError as exc:
+            pytest.fail(str(exc), pytrace=False)
+        for name, value in record_properties(summary):
+            record_property(name, value)
+        record_property(*summary_property(summary))
+        return summary
+
+    return run
+
+
+class ControllerHooks:
+    """Hooks that run only where results are merged: the xdist controller, or the single pytest process."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.run = config.stash[RUN_CONFIG]
+        self.collector = config.stash[COLLECTOR]
+        self.written: list[Path] = []
+
+    def merged(self) -> list[TaskSummary]:
+        return self.collector.merged([m.label for m in self.run.models])
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.when == "call":
+            self.collector.add_report(report.user_properties)
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_sessionfinish(self) -> None:
+        summaries = self.merged()
+        if summaries:
+            self.written = write_results(self.run.output_dir, summaries, formats=self.run.export_formats,
+                                         config=self.run.public_dict(), notes=list(self.run.notices))
+            remove_parts(self.run.output_dir)
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        summaries = self.merged()
+        if not summaries:
+            return
+        terminalreporter.write_sep("=", f"llmlab comparison ({run_scoring(self.run)} scoring)")
+        for line in comparison_table(summaries):
+            terminalreporter.write_line(line)
+        for notice in self.run.notices:
+            terminalreporter.write_line(f"note: {notice}")
+        if self.written:
+            terminalreporter.write_line(f"results: {', '.join(str(p) for p in self.written)}")

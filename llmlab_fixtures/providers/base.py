@@ -1,0 +1,105 @@
+"""The provider interface every backend implements (llama.cpp, transformers, Ollama, cloud APIs)."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class LoglikelihoodRequest:
+    """Score ``continuation`` given ``context`` (lm-evaluation-harness semantics)."""
+
+    context: str
+    continuation: str
+
+
+@dataclass
+class LoglikelihoodResult:
+    """Sum of the continuation's token log-probabilities, and whether greedy decoding would produce it."""
+
+    logprob: float
+    is_greedy: bool
+    context_tokens: int
+    continuation_tokens: int
+    evaluated_tokens: int  # tokens actually run through the model for this request (after cache reuse)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """Greedy generation of at most ``max_new_tokens``, cut at the first stop string."""
+
+    prompt: str
+    stop: tuple[str, ...] = ()
+    max_new_tokens: int = 256
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    ttft_s: float | None
+    total_s: float
+    evaluated_tokens: int = 0  # prompt tokens actually run through the model (after cache reuse)
+    extra: dict[str, Any] = field(default_factory=dict)  # backend timing fields, usage, ...
+
+
+@dataclass
+class ModelInfo:
+    """What a backend knows about the loaded model; written into results.json."""
+
+    name: str
+    backend: str
+    path: str | None = None
+    architecture: str | None = None
+    parameters: int | None = None
+    quantization: str | None = None
+    context_length: int | None = None
+    file_size: int | None = None
+    add_bos_token: bool | None = None
+    data_location: str = "in-process"  # where prompts go: in-process, a loopback server, or a cloud host
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class LoglikelihoodUnsupported(NotImplementedError):
+    """The backend returns no prompt log-probabilities; score multiple choice by generation instead."""
+
+
+class Provider(ABC):
+    """A loaded model behind one backend. Load once, score many items, close."""
+
+    backend: str = "abstract"
+    supports_loglikelihood: bool = False
+
+    @abstractmethod
+    def initialize(self) -> None:
+        """Load the model (or connect); raise LlmlabError with a fix on failure."""
+
+    @abstractmethod
+    def generate(self, request: GenerationRequest) -> GenerationResult:
+        """Greedy generation; streams internally to time the first token."""
+
+    def loglikelihood(self, requests: Sequence[LoglikelihoodRequest]) -> list[LoglikelihoodResult]:
+        """Log-likelihood of each continuation; requests sharing a context reuse its evaluation."""
+        raise LoglikelihoodUnsupported(f"{self.backend} returns no prompt log-probabilities")
+
+    @abstractmethod
+    def get_model_info(self) -> ModelInfo:
+        """Metadata of the loaded (or configured) model."""
+
+    @abstractmethod
+    def estimate_memory(self) -> int:
+        """Bytes of RAM/VRAM the model needs once loaded (weights plus context cache)."""
+
+    def close(self) -> None:  # noqa: B027 - optional for backends that hold nothing
+        """Release the model's memory or connections."""
+
+    def __enter__(self) -> Provider:
+        self.initialize()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

