@@ -27,7 +27,7 @@ from llmlab_fixtures.prompts import (
     letter_request,
     loglikelihood_requests,
 )
-from llmlab_fixtures.providers.base import GenerationResult, LoglikelihoodUnsupported, Provider
+from llmlab_fixtures.providers.base import GenerationRequest, LoglikelihoodUnsupported, Provider
 from llmlab_fixtures.records import ItemRecord, TaskRun
 from llmlab_fixtures.tasks.definitions import TaskDefinition
 
@@ -73,13 +73,7 @@ def _score_letter(
     gold = task.target(doc)
     record.gold = gold
     order = choice_order(task, len(choices), record.item_id, seed)
-    request = letter_request(task, doc, exemplars, order)
-    started = time.perf_counter()
-    result = provider.generate(request)
-    record.latency_s = time.perf_counter() - started
-    _copy_generation_counts(record, result)
-    reply = cut_at_stop(result.text, request.stop)
-    record.response = reply
+    reply = _generate(provider, letter_request(task, doc, exemplars, order), record)
     position = parse_choice_letter(reply, len(choices))
     record.prediction = None if position is None else order[position]  # index in the original choice order
     record.metrics["acc"] = 1.0 if record.prediction == gold else 0.0
@@ -91,13 +85,7 @@ def _score_generation(
 ) -> None:
     target = task.target(doc)
     record.gold = normalize_answer(target, task.exact_match)
-    request = generation_request(task, doc, exemplars)
-    started = time.perf_counter()
-    result = provider.generate(request)
-    record.latency_s = time.perf_counter() - started
-    _copy_generation_counts(record, result)
-    response = cut_at_stop(result.text, request.stop)
-    record.response = response
+    response = _generate(provider, generation_request(task, doc, exemplars), record)
     filters = {f.name: f for f in task.filters}
     extracted: dict[str, str] = {}
     for spec in task.metrics:  # all exact_match (checked when the task is loaded)
@@ -109,11 +97,17 @@ def _score_generation(
     record.correct = record.metrics[primary] == 1.0
 
 
-def _copy_generation_counts(record: ItemRecord, result: GenerationResult) -> None:
+def _generate(provider: Provider, request: GenerationRequest, record: ItemRecord) -> str:
+    """Run one timed generation, copy its token counts into ``record`` and return the reply cut at a stop."""
+    started = time.perf_counter()
+    result = provider.generate(request)
+    record.latency_s = time.perf_counter() - started
     record.prompt_tokens = result.prompt_tokens
     record.completion_tokens = result.completion_tokens
     record.evaluated_tokens = result.evaluated_tokens
     record.ttft_s = result.ttft_s
+    record.response = cut_at_stop(result.text, request.stop)
+    return record.response
 
 
 def evaluate(

@@ -28,24 +28,24 @@ def _grid(header: Sequence[str], rows: Sequence[Sequence[str]], markdown: bool) 
 
 
 def comparison_table(summaries: Sequence[TaskSummary], markdown: bool = False) -> list[str]:
-    """Models × datasets: the primary metric ± stderr and items/s in each cell."""
+    """Datasets × models: each cell is the dataset's primary metric ± stderr, and items/s."""
     models = list(dict.fromkeys(s.model for s in summaries))
     datasets = list(dict.fromkeys(s.dataset for s in summaries))
     by_key = {(s.model, s.dataset): s for s in summaries}
-    header = ["model"] + [f"{d} ({primary_metric(next(s for s in summaries if s.dataset == d))})" for d in datasets]
     rows = []
-    for model in models:
-        cells = [model]
-        for dataset in datasets:
+    for dataset in datasets:
+        metric_name = primary_metric(next(s for s in summaries if s.dataset == dataset))
+        cells = [f"{dataset} ({metric_name or '-'})"]
+        for model in models:
             s = by_key.get((model, dataset))
             if s is None:
                 cells.append("-")
                 continue
-            metric = s.metrics.get(primary_metric(s) or "", {"value": None, "stderr": None})
+            metric = s.metrics.get(metric_name or "", {"value": None, "stderr": None})
             errors = f", {s.n_errors} errors" if s.n_errors else ""
             cells.append(f"{_fmt(metric['value'])} ± {_fmt(metric['stderr'])} ({_fmt(s.items_per_s, 1)} it/s{errors})")
         rows.append(cells)
-    return _grid(header, rows, markdown)
+    return _grid(["dataset (metric)", *models], rows, markdown)
 
 
 def detail_table(summaries: Sequence[TaskSummary], markdown: bool = False) -> list[str]:

@@ -69,7 +69,7 @@ def test_write_results_contract(tmp_path: Path) -> None:
     document = json.loads((tmp_path / "results.json").read_text())
     assert document["model_loads"] == {"llama-cpp:a": [{"load_id": "llama-cpp:a"}]}
     assert document["versions"]["llama_cpp_python"]
-    assert "| llama-cpp:a | 0.250 ± 0.100 (2.0 it/s) |" in (tmp_path / "summary.md").read_text()
+    assert "| arc_challenge (acc) | 0.250 ± 0.100 (2.0 it/s) |" in (tmp_path / "summary.md").read_text()
     assert summary_csv(summaries) == (tmp_path / "summary.csv").read_text()
 
 

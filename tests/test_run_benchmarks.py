@@ -25,7 +25,7 @@ def test_old_command_line_runs_truthfulness(tmp_path: Path, data_dir: Path) -> N
     assert sorted(p.name for p in out.iterdir()) == ["items.jsonl", "summary.md"]
     datasets = {json.loads(line)["dataset"] for line in (out / "items.jsonl").read_text().splitlines()}
     assert datasets == {"truthfulqa_mc1", "truthfulqa_mc2"}
-    assert "| llama-cpp:smollm2-135m |" in (out / "summary.md").read_text()
+    assert "| dataset (metric) | llama-cpp:smollm2-135m |" in (out / "summary.md").read_text()
 
 
 def test_unknown_dataset_is_one_line(tmp_path: Path) -> None:
