@@ -112,3 +112,20 @@ def test_malformed_row_names_file_and_line(bench_pytester: pytest.Pytester, data
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     result.stdout.fnmatch_lines([f"*{broken / 'test.jsonl'}:2*"])
     assert "Traceback" not in result.stdout.str()
+
+
+def test_scoring_generate_letters_the_choices_and_skips_mc2(bench_pytester: pytest.Pytester, data_dir: Path) -> None:
+    out = bench_pytester.path / "run"
+    result = bench_pytester.runpytest_subprocess(
+        "-k", "arc_challenge or truthfulqa", "--scoring=generate", "--models=local:smollm2-135m", "--limit=3",
+        f"--data-dir={data_dir}", f"--output-dir={out}", "-p", "no:cacheprovider", "-rs",
+    )
+    result.assert_outcomes(passed=2, skipped=1, deselected=4)
+    result.stdout.fnmatch_lines(["*llmlab comparison (generate scoring)*", "SKIPPED*mc2*"])
+    items = _items(out)
+    assert {i["dataset"] for i in items} == {"arc_challenge", "truthfulqa_mc1"}
+    for item in items:
+        assert item["loglikelihoods"] is None and isinstance(item["response"], str)
+        assert item["correct"] == (item["prediction"] == item["gold"])
+    with (out / "summary.csv").open() as handle:
+        assert {r["scoring"] for r in csv.DictReader(handle)} == {"generate"}
