@@ -31,6 +31,12 @@ def _hf_cached_file(repo: str, filename: str) -> Path | None:
 
 def how_to_get(entry: ModelEntry) -> str:
     """One sentence naming the ways to make ``entry`` available offline."""
+    ways = ways_to_get(entry)
+    return "; or ".join(ways) if ways else "register a source for it in llmlab.toml"
+
+
+def ways_to_get(entry: ModelEntry) -> list[str]:
+    """The commands that would make ``entry`` available, most direct first."""
     ways: list[str] = []
     gguf = entry.gguf or {}
     if "install" in gguf:
@@ -42,7 +48,7 @@ def how_to_get(entry: ModelEntry) -> str:
         ways.append(f"`huggingface-cli download {entry.transformers['repo']}` and use transformers:{entry.alias}")
     if "ollama" in entry.sources:
         ways.append(f"`ollama pull {entry.sources['ollama']}` and use ollama:{entry.sources['ollama']}")
-    return "; or ".join(ways) if ways else "register a source for it in llmlab.toml"
+    return ways
 
 
 def resolve_gguf(entry: ModelEntry | None, target: str, extra_dirs: tuple[Path, ...] = ()) -> Path:

@@ -1,0 +1,84 @@
+"""The ``llmlab`` command: ``llmlab models`` lists every registered model and whether it can run here."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from llmlab_fixtures.errors import LlmlabError
+from llmlab_fixtures.model_files import resolve_gguf, ways_to_get
+from llmlab_fixtures.registry import ModelEntry, load_models
+
+
+def _size(n: int | None) -> str:
+    return "-" if not n else f"{n / 2**20:.0f} MiB" if n < 2**30 else f"{n / 2**30:.1f} GiB"
+
+
+def _params(n: int | None) -> str:
+    return "-" if not n else f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M"
+
+
+def _downloadable(entry: ModelEntry) -> str:
+    ways = ways_to_get(entry)
+    return f"downloadable: {ways[0].split(' (')[0]}" if ways else "no source registered"
+
+
+def model_row(entry: ModelEntry, model_dirs: tuple[Path, ...] = ()) -> dict[str, str]:
+    """One line of ``llmlab models``: metadata, and where the model is (or how to get it)."""
+    where, memory = "", "-"
+    if entry.gguf:
+        try:
+            path = resolve_gguf(entry, entry.alias, model_dirs)
+        except LlmlabError:
+            where = _downloadable(entry)
+        else:
+            from llmlab_fixtures.providers.llama_cpp import LlamaCppProvider
+
+            where = f"available: {path}"
+            memory = _size(LlamaCppProvider(path, entry.alias, n_ctx=4096).estimate_memory())
+    elif entry.cloud_backends:
+        where = f"cloud API ({', '.join(entry.cloud_backends)})"
+    else:
+        where = _downloadable(entry)
+    return {
+        "alias": entry.alias,
+        "params": _params(entry.parameters),
+        "quant": entry.quantization or "-",
+        "size": _size(entry.file_size),
+        "ctx": str(entry.context_length or "-"),
+        "memory@4k": memory,
+        "sources": ",".join(entry.backends) or "-",
+        "license": entry.license or "-",
+        "where": where,
+    }
+
+
+def list_models(model_dirs: tuple[Path, ...] = ()) -> list[str]:
+    """The ``llmlab models`` table as lines of text."""
+    models = load_models((Path("llmlab.toml"), Path("pyproject.toml")))
+    rows = [model_row(entry, model_dirs) for entry in models.values()]
+    header = list(rows[0])
+    widths = {h: max(len(h), *(len(r[h]) for r in rows)) for h in header[:-1]}
+    lines = ["  ".join(h.ljust(widths.get(h, 0)) for h in header)]
+    lines += ["  ".join(r[h].ljust(widths.get(h, 0)) for h in header) for r in rows]
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="llmlab", description="llmlab: benchmark local and cloud language models")
+    commands = parser.add_subparsers(dest="command", required=True)
+    models = commands.add_parser("models", help="list registered models and whether they can run here")
+    models.add_argument("--model-dir", action="append", default=[], type=Path, help="a directory with GGUF files")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "models":
+            print("\n".join(list_models(tuple(args.model_dir))))
+    except LlmlabError as exc:
+        print(f"llmlab: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
