@@ -9,6 +9,7 @@ from pathlib import Path
 from llmlab_fixtures.errors import LlmlabError
 from llmlab_fixtures.model_files import resolve_gguf, ways_to_get
 from llmlab_fixtures.registry import ModelEntry, load_models
+from llmlab_fixtures.table import text_grid
 
 
 def _size(n: int | None) -> str:
@@ -59,10 +60,7 @@ def list_models(model_dirs: tuple[Path, ...] = ()) -> list[str]:
     models = load_models((Path("llmlab.toml"), Path("pyproject.toml")))
     rows = [model_row(entry, model_dirs) for entry in models.values()]
     header = list(rows[0])
-    widths = {h: max(len(h), *(len(r[h]) for r in rows)) for h in header[:-1]}
-    lines = ["  ".join(h.ljust(widths.get(h, 0)) for h in header)]
-    lines += ["  ".join(r[h].ljust(widths.get(h, 0)) for h in header) for r in rows]
-    return lines
+    return text_grid(header, [[r[h] for h in header] for r in rows], markdown=False, rule=False)
 
 
 def main(argv: list[str] | None = None) -> int:

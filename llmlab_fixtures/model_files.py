@@ -15,11 +15,6 @@ def model_dirs(extra: tuple[Path, ...] = ()) -> list[Path]:
     return [p.expanduser() for p in (*extra, *env)]
 
 
-def cache_dir() -> Path:
-    """Where llmlab keeps assembled or downloaded files (``LLMLAB_CACHE_DIR``, default ~/.cache/llmlab)."""
-    return Path(os.environ.get("LLMLAB_CACHE_DIR", Path.home() / ".cache" / "llmlab")).expanduser()
-
-
 def _hf_cached_file(repo: str, filename: str) -> Path | None:
     try:
         from huggingface_hub import try_to_load_from_cache
@@ -71,7 +66,7 @@ def resolve_gguf(entry: ModelEntry | None, target: str, extra_dirs: tuple[Path, 
         from llmlab_fixtures.embedded import embedded_gguf
 
         try:
-            return embedded_gguf(gguf["package"], cache_dir())
+            return embedded_gguf(gguf["package"])
         except ModelUnavailable:
             if "repo" not in gguf:
                 raise

@@ -168,9 +168,7 @@ class ControllerHooks:
         self.run = config.stash[RUN_CONFIG]
         self.collector = config.stash[COLLECTOR]
         self.written: list[Path] = []
-
-    def merged(self) -> list[TaskSummary]:
-        return self.collector.merged([m.label for m in self.run.models])
+        self.summaries: list[TaskSummary] = []
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         if report.when == "call":
@@ -178,18 +176,17 @@ class ControllerHooks:
 
     @pytest.hookimpl(trylast=True)
     def pytest_sessionfinish(self) -> None:
-        summaries = self.merged()
+        self.summaries = summaries = self.collector.merged([m.label for m in self.run.models])
         if summaries:
             self.written = write_results(self.run.output_dir, summaries, formats=self.run.export_formats,
                                          config=self.run.public_dict(), notes=list(self.run.notices))
             remove_parts(self.run.output_dir)
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
-        summaries = self.merged()
-        if not summaries:
+        if not self.summaries:
             return
         terminalreporter.write_sep("=", f"llmlab comparison ({run_scoring(self.run)} scoring)")
-        for line in comparison_table(summaries):
+        for line in comparison_table(self.summaries):
             terminalreporter.write_line(line)
         for notice in self.run.notices:
             terminalreporter.write_line(f"note: {notice}")

@@ -18,13 +18,14 @@ def primary_metric(summary: TaskSummary) -> str | None:
     return next(iter(summary.metrics), None)
 
 
-def _grid(header: Sequence[str], rows: Sequence[Sequence[str]], markdown: bool) -> list[str]:
+def text_grid(header: Sequence[str], rows: Sequence[Sequence[str]], markdown: bool, rule: bool = True) -> list[str]:
+    """Rows under a header, as a Markdown table or as aligned text (with a dashed rule unless ``rule`` is False)."""
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
         return lines + ["| " + " | ".join(r) + " |" for r in rows]
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
-    line = "  ".join(h.ljust(w) for h, w in zip(header, widths))
-    return [line, "-" * len(line)] + ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in (header, *rows)]
+    return [lines[0], "-" * len(lines[0]), *lines[1:]] if rule else lines
 
 
 def comparison_table(summaries: Sequence[TaskSummary], markdown: bool = False) -> list[str]:
@@ -45,7 +46,7 @@ def comparison_table(summaries: Sequence[TaskSummary], markdown: bool = False) -
             errors = f", {s.n_errors} errors" if s.n_errors else ""
             cells.append(f"{_fmt(metric['value'])} ± {_fmt(metric['stderr'])} ({_fmt(s.items_per_s, 1)} it/s{errors})")
         rows.append(cells)
-    return _grid(["dataset (metric)", *models], rows, markdown)
+    return text_grid(["dataset (metric)", *models], rows, markdown)
 
 
 def detail_table(summaries: Sequence[TaskSummary], markdown: bool = False) -> list[str]:
@@ -59,7 +60,7 @@ def detail_table(summaries: Sequence[TaskSummary], markdown: bool = False) -> li
                          str(s.n_items), str(s.n_errors), s.scoring, str(s.num_fewshot), _fmt(s.items_per_s, 2),
                          _fmt(s.tokens_per_s, 0), _fmt(s.latency_p50_s, 3), _fmt(s.latency_p95_s, 3),
                          _fmt(s.ttft_p50_s, 3), _fmt(s.peak_rss_mb, 0)])
-    return _grid(header, rows, markdown)
+    return text_grid(header, rows, markdown)
 
 
 def markdown_report(summaries: Sequence[TaskSummary], title: str, notes: Sequence[str] = ()) -> str:

@@ -40,30 +40,32 @@ class BackendSettings:
     model_dirs: tuple[Path, ...] = ()
 
 
-def check_available(spec: ModelSpec, settings: BackendSettings) -> None:
-    """Raise ModelUnavailable (one line, with the fix) if ``spec`` cannot run here; never loads weights."""
-    if spec.backend == "llama-cpp":
-        from llmlab_fixtures.embedded import check_gguf_file
-
-        check_gguf_file(resolve_gguf(spec.entry, spec.target, settings.model_dirs))
-        return
-    raise ModelUnavailable(
+def _backend_missing(spec: ModelSpec) -> ModelUnavailable:
+    return ModelUnavailable(
         f"model {spec.raw!r}: the {spec.backend} backend is not part of this llmlab version yet; "
         "run GGUF models with llama-cpp:<alias|file.gguf> (e.g. local:smollm2-135m)"
     )
 
 
-def create_provider(spec: ModelSpec, settings: BackendSettings) -> Provider:
-    """An uninitialised Provider for ``spec`` (call ``initialize()`` to load it)."""
-    check_available(spec, settings)
-    if spec.backend == "llama-cpp":
-        from llmlab_fixtures.providers.llama_cpp import LlamaCppProvider
+def check_available(spec: ModelSpec, settings: BackendSettings) -> None:
+    """Raise ModelUnavailable (one line, with the fix) if ``spec`` cannot run here; never loads weights."""
+    if spec.backend != "llama-cpp":
+        raise _backend_missing(spec)
+    from llmlab_fixtures.embedded import check_gguf_file
 
-        return LlamaCppProvider(
-            model_path=resolve_gguf(spec.entry, spec.target, settings.model_dirs),
-            name=spec.label,
-            n_threads=settings.threads,
-            n_gpu_layers=settings.gpu_layers,
-            seed=settings.seed,
-        )
-    raise AssertionError(f"unreachable: {spec.backend}")  # check_available rejected it
+    check_gguf_file(resolve_gguf(spec.entry, spec.target, settings.model_dirs))
+
+
+def create_provider(spec: ModelSpec, settings: BackendSettings) -> Provider:
+    """An uninitialised Provider for ``spec``; ``initialize()`` checks the file and loads it."""
+    if spec.backend != "llama-cpp":
+        raise _backend_missing(spec)
+    from llmlab_fixtures.providers.llama_cpp import LlamaCppProvider
+
+    return LlamaCppProvider(
+        model_path=resolve_gguf(spec.entry, spec.target, settings.model_dirs),
+        name=spec.label,
+        n_threads=settings.threads,
+        n_gpu_layers=settings.gpu_layers,
+        seed=settings.seed,
+    )
