@@ -20,3 +20,7 @@ class ModelUnavailable(LlmlabError):
 
 class DataError(LlmlabError):
     """A dataset file is missing, malformed or empty."""
+
+
+class CredentialsMissing(ModelUnavailable):
+    """A cloud model's API key is not set; the model is skipped and the others run."""

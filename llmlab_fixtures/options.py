@@ -47,6 +47,16 @@ def add_options(parser: pytest.Parser) -> None:
     group.addoption("--use-local", action="store_true",
                     help="for an alias that exists both locally and as an API, use the local form")
     group.addoption("--gpu-layers", default="0", help="layers to offload to the GPU for llama.cpp (default 0)")
+    group.addoption("--device", default="auto",
+                    help="transformers device: auto (CUDA, then Apple MPS, then CPU), cpu, cuda, cuda:N or mps")
+    group.addoption("--batch-size", default="auto",
+                    help="transformers rows per forward pass: a number, or auto (start high, halve on out-of-memory)")
+    group.addoption("--request-timeout", default="120",
+                    help="seconds to wait for one HTTP response from Ollama or a cloud API (default 120)")
+    group.addoption("--max-retries", default="4",
+                    help="cloud APIs: retries on 429/5xx/timeouts with exponential backoff (default 4)")
+    group.addoption("--concurrency", default="4",
+                    help="cloud APIs: requests in flight per model (default 4)")
     group.addoption("--quantization", default=None,
                     help="NOT YET HONOURED: choose a model's GGUF by quantization (e.g. Q4_K_M); accepted and "
                          "reported, the embedded models have one file each")
@@ -71,6 +81,11 @@ class RunConfig:
     use_local: bool = False
     gpu_layers: int = 0
     quantization: str | None = None
+    device: str = "auto"
+    batch_size: int | None = None
+    request_timeout: float = 120.0
+    max_retries: int = 4
+    concurrency: int = 4
     dropped_models: tuple[str, ...] = ()
     notices: tuple[str, ...] = field(default_factory=tuple)
 
@@ -91,6 +106,11 @@ class RunConfig:
             "use_local": self.use_local,
             "gpu_layers": self.gpu_layers,
             "quantization": self.quantization,
+            "device": self.device,
+            "batch_size": self.batch_size or "auto",
+            "request_timeout": self.request_timeout,
+            "max_retries": self.max_retries,
+            "concurrency": self.concurrency,
             "dropped_models": list(self.dropped_models),
             "notices": list(self.notices),
         }
@@ -106,6 +126,32 @@ def _int_option(name: str, value: Any, *, minimum: int) -> int | None:
     if number < minimum:
         raise ConfigError(f"{name} must be at least {minimum}, got {number}")
     return number
+
+
+def _float_option(name: str, value: Any, *, minimum: float) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a number of seconds, got {value!r}") from None
+    if number < minimum:
+        raise ConfigError(f"{name} must be at least {minimum:g}, got {number:g}")
+    return number
+
+
+def _batch_size_option(value: Any) -> int | None:
+    if value is None or str(value).strip().lower() in ("", "auto"):
+        return None
+    try:
+        return _int_option("--batch-size", value, minimum=1)
+    except ConfigError:
+        raise ConfigError(f"--batch-size must be a whole number >= 1 or auto, got {value!r}") from None
+
+
+def _device_option(value: Any) -> str:
+    device = str(value or "auto").strip().lower()
+    if device in ("auto", "cpu", "cuda", "mps") or (device.startswith("cuda:") and device[5:].isdigit()):
+        return device
+    raise ConfigError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {value!r}")
 
 
 def default_output_dir() -> Path:
@@ -160,6 +206,11 @@ def build_run_config(option: Any, output_dir: Path | None = None) -> RunConfig:
         use_local=bool(option.use_local),
         gpu_layers=gpu_layers,
         quantization=option.quantization,
+        device=_device_option(option.device),
+        batch_size=_batch_size_option(option.batch_size),
+        request_timeout=_float_option("--request-timeout", option.request_timeout, minimum=0.1),
+        max_retries=_int_option("--max-retries", option.max_retries, minimum=0) or 0,
+        concurrency=_int_option("--concurrency", option.concurrency, minimum=1) or 1,
         dropped_models=dropped,
         notices=tuple(notices),
     )

@@ -14,8 +14,8 @@ import pytest
 from llmlab_fixtures.collect import ResultCollector, summary_property
 from llmlab_fixtures.errors import LlmlabError
 from llmlab_fixtures.options import RunConfig, add_options, build_run_config
-from llmlab_fixtures.providers import BackendSettings, check_available
-from llmlab_fixtures.session import BenchSession, LoadedModel, load_model, run_scoring
+from llmlab_fixtures.providers import check_available
+from llmlab_fixtures.session import BenchSession, LoadedModel, backend_settings, load_model, run_scoring
 from llmlab_fixtures.storage import remove_parts, write_results
 from llmlab_fixtures.summary import TaskSummary, record_properties
 from llmlab_fixtures.table import comparison_table
@@ -94,7 +94,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     if _is_worker(config) or RUN_CONFIG not in config.stash:
         return
     run_config = config.stash[RUN_CONFIG]
-    settings = BackendSettings(model_dirs=run_config.model_dirs)
+    settings = backend_settings(run_config)
     for spec in run_config.models:
         try:
             check_available(spec, settings)

@@ -36,6 +36,14 @@ def default_threads() -> int:
     return max(1, cores // max(1, workers))
 
 
+def backend_settings(config: RunConfig, threads: int | None = None) -> BackendSettings:
+    """The BackendSettings a run's configuration gives every model."""
+    return BackendSettings(threads=threads, gpu_layers=config.gpu_layers, seed=config.seed,
+                           model_dirs=config.model_dirs, device=config.device, batch_size=config.batch_size,
+                           request_timeout=config.request_timeout, max_retries=config.max_retries,
+                           concurrency=config.concurrency)
+
+
 def run_scoring(config: RunConfig) -> str:
     """The multiple-choice method for the whole run: one table never mixes methods."""
     if config.scoring != "auto":
@@ -54,8 +62,7 @@ class LoadedModel:
 
 def load_model(spec: ModelSpec, config: RunConfig) -> LoadedModel:
     """Create and initialise the provider for ``spec`` (the session fixture calls this once per worker)."""
-    settings = BackendSettings(threads=config.threads or default_threads(), gpu_layers=config.gpu_layers,
-                               seed=config.seed, model_dirs=config.model_dirs)
+    settings = backend_settings(config, threads=config.threads or default_threads())
     provider = create_provider(spec, settings)
     started = time.perf_counter()
     provider.initialize()

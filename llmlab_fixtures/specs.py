@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmlab_fixtures.errors import ConfigError
+from llmlab_fixtures.network import is_loopback_host
 from llmlab_fixtures.registry import BACKENDS, CLOUD_BACKENDS, ModelEntry, close_matches
 
 _PREFIX_ALIASES = {
@@ -55,12 +56,9 @@ class ModelSpec:
 
 
 def _is_loopback_url(url: str | None) -> bool:
-    if not url:
-        return False
     from urllib.parse import urlparse
 
-    host = urlparse(url).hostname or ""
-    return host in {"localhost", "::1"} or host.startswith("127.")
+    return bool(url) and is_loopback_host(urlparse(url).hostname)
 
 
 def backend_installed(backend: str) -> bool:

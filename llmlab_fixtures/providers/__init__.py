@@ -1,12 +1,18 @@
-"""Backends behind one interface, and the factory that turns a ModelSpec into a Provider."""
+"""Backends behind one interface, and the factory that turns a ModelSpec into a Provider.
+
+Each backend module exposes ``check_spec(spec, settings)`` (cheap: file present, key set, server up, model
+pulled; raises ModelUnavailable with the fix) and ``make_provider(spec, settings)`` (an uninitialised Provider).
+Modules are imported lazily so a run never imports SDKs it does not use.
+"""
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 from llmlab_fixtures.errors import ModelUnavailable
-from llmlab_fixtures.model_files import resolve_gguf
 from llmlab_fixtures.providers.base import (
     GenerationRequest,
     GenerationResult,
@@ -29,43 +35,45 @@ __all__ = [
     "create_provider",
 ]
 
+BACKEND_MODULES = {
+    "llama-cpp": "llmlab_fixtures.providers.llama_cpp",
+    "transformers": "llmlab_fixtures.providers.transformers_backend",
+    "ollama": "llmlab_fixtures.providers.ollama",
+    "openai": "llmlab_fixtures.providers.openai_api",
+    "openai-compat": "llmlab_fixtures.providers.openai_api",
+    "anthropic": "llmlab_fixtures.providers.anthropic_api",
+    "google": "llmlab_fixtures.providers.google_api",
+}
+
 
 @dataclass(frozen=True)
 class BackendSettings:
-    """Run-wide knobs every backend receives."""
+    """Run-wide knobs every backend receives (each uses the ones that apply to it)."""
 
     threads: int | None = None
-    gpu_layers: int = 0
+    gpu_layers: int = 0  # llama.cpp n_gpu_layers / Ollama num_gpu; -1 = all layers
     seed: int = 1234
     model_dirs: tuple[Path, ...] = ()
+    device: str = "auto"  # transformers: auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps
+    batch_size: int | None = None  # transformers rows per forward pass; None = auto (probe down on OOM)
+    request_timeout: float = 60.0  # seconds per HTTP request (Ollama, cloud)
+    max_retries: int = 4  # cloud: retries on 429/5xx/timeouts, with exponential backoff
+    concurrency: int = 4  # cloud: requests in flight per model
 
 
-def _backend_missing(spec: ModelSpec) -> ModelUnavailable:
-    return ModelUnavailable(
-        f"model {spec.raw!r}: the {spec.backend} backend is not part of this llmlab version yet; "
-        "run GGUF models with llama-cpp:<alias|file.gguf> (e.g. local:smollm2-135m)"
-    )
+def _backend_module(spec: ModelSpec) -> ModuleType:
+    name = BACKEND_MODULES.get(spec.backend)
+    if name is None:
+        raise ModelUnavailable(f"model {spec.raw!r}: unknown backend {spec.backend!r}; "
+                               f"choose among {', '.join(BACKEND_MODULES)}")
+    return importlib.import_module(name)
 
 
 def check_available(spec: ModelSpec, settings: BackendSettings) -> None:
     """Raise ModelUnavailable (one line, with the fix) if ``spec`` cannot run here; never loads weights."""
-    if spec.backend != "llama-cpp":
-        raise _backend_missing(spec)
-    from llmlab_fixtures.embedded import check_gguf_file
-
-    check_gguf_file(resolve_gguf(spec.entry, spec.target, settings.model_dirs))
+    _backend_module(spec).check_spec(spec, settings)
 
 
 def create_provider(spec: ModelSpec, settings: BackendSettings) -> Provider:
-    """An uninitialised Provider for ``spec``; ``initialize()`` checks the file and loads it."""
-    if spec.backend != "llama-cpp":
-        raise _backend_missing(spec)
-    from llmlab_fixtures.providers.llama_cpp import LlamaCppProvider
-
-    return LlamaCppProvider(
-        model_path=resolve_gguf(spec.entry, spec.target, settings.model_dirs),
-        name=spec.label,
-        n_threads=settings.threads,
-        n_gpu_layers=settings.gpu_layers,
-        seed=settings.seed,
-    )
+    """An uninitialised Provider for ``spec``; ``initialize()`` loads the model or connects."""
+    return _backend_module(spec).make_provider(spec, settings)

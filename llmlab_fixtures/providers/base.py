@@ -73,6 +73,7 @@ class Provider(ABC):
 
     backend: str = "abstract"
     supports_loglikelihood: bool = False
+    max_concurrency: int = 1  # items the evaluator may score at once (cloud APIs: > 1; in-process models: 1)
 
     @abstractmethod
     def initialize(self) -> None:

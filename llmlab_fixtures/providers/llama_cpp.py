@@ -503,3 +503,24 @@ class LlamaCppProvider(Provider):
             + self.n_batch * n_ctx * n_head  # attention scores
         )
         return int(meta["file_size"]) + kv_bytes + compute + (64 << 20)
+
+
+def check_spec(spec: Any, settings: Any) -> None:
+    """The GGUF for ``spec`` exists and has a valid header (no weights are loaded)."""
+    from llmlab_fixtures.embedded import check_gguf_file
+    from llmlab_fixtures.model_files import resolve_gguf
+
+    check_gguf_file(resolve_gguf(spec.entry, spec.target, settings.model_dirs))
+
+
+def make_provider(spec: Any, settings: Any) -> LlamaCppProvider:
+    """A LlamaCppProvider for ``spec`` (a ModelSpec) with the run's BackendSettings."""
+    from llmlab_fixtures.model_files import resolve_gguf
+
+    return LlamaCppProvider(
+        model_path=resolve_gguf(spec.entry, spec.target, settings.model_dirs),
+        name=spec.label,
+        n_threads=settings.threads,
+        n_gpu_layers=settings.gpu_layers,
+        seed=settings.seed,
+    )
