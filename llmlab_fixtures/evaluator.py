@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, TypeVar
 
 from llmlab_fixtures.errors import ConfigError
 from llmlab_fixtures.metrics import (
@@ -32,6 +34,8 @@ from llmlab_fixtures.records import ItemRecord, TaskRun
 from llmlab_fixtures.tasks.definitions import TaskDefinition
 
 Doc = Mapping[str, Any]
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def _score_loglik(task: TaskDefinition, provider: Provider, doc: Doc, exemplars: list[Doc], record: ItemRecord) -> None:
@@ -110,6 +114,46 @@ def _generate(provider: Provider, request: GenerationRequest, record: ItemRecord
     return record.response
 
 
+def _score_item(task: TaskDefinition, provider: Provider, mode: str, doc: Doc, exemplars: list[Doc],
+                record: ItemRecord, *, seed: int) -> ItemRecord:
+    """Score one item into ``record``; a provider failure becomes the item's ``error`` instead of a wrong answer."""
+    item_started = time.perf_counter()
+    try:
+        if mode == "loglik":
+            _score_loglik(task, provider, doc, exemplars, record)
+        elif task.is_multiple_choice:
+            _score_letter(task, provider, doc, exemplars, record, seed)
+        else:
+            _score_generation(task, provider, doc, exemplars, record)
+    except LoglikelihoodUnsupported as exc:
+        raise ConfigError(f"{exc}; use --scoring generate") from exc
+    except Exception as exc:  # provider failure (or an unscorable doc): record it, go on
+        record.error = f"{type(exc).__name__}: {exc}"
+        record.correct = None
+        record.metrics = {}
+        if not record.latency_s:
+            record.latency_s = time.perf_counter() - item_started
+    return record
+
+
+def _in_order(function: Callable[[T], R], jobs: Iterable[T], concurrency: int) -> Iterator[R]:
+    """``map(function, jobs)``, with up to ``concurrency`` calls in flight (threads); results keep the job order."""
+    if concurrency <= 1:
+        yield from map(function, jobs)
+        return
+    pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="llmlab-item")
+    pending: deque[Future[R]] = deque()
+    try:
+        for job in jobs:
+            pending.append(pool.submit(function, job))
+            if len(pending) >= 2 * concurrency:  # bounded look-ahead: memory stays flat on long runs
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def evaluate(
     task: TaskDefinition,
     provider: Provider,
@@ -144,45 +188,29 @@ def evaluate(
         raise ConfigError(f"--num-fewshot must be >= 0, got {shots}")
     sampler = ExemplarSampler(task, fewshot_docs, shots, seed=seed, fixed=fixed_fewshot)
     started = time.perf_counter()
+
+    def jobs() -> Iterator[tuple[Doc, list[Doc], ItemRecord]]:
+        group_positions: dict[str | None, int] = {}
+        for position, doc in enumerate(docs):
+            group = task.group(doc) if task.group_field else None
+            group_position = group_positions.get(group, 0)
+            group_positions[group] = group_position + 1
+            record = ItemRecord(model=model_name, backend=provider.backend, dataset=task.name,
+                                item_id=task.doc_id(doc, position, group_position), prediction=None, gold=None,
+                                correct=None, group=group)
+            yield doc, sampler.exemplars(doc), record  # exemplars drawn for every item, in order, as lm-eval does
+
+    def score(job: tuple[Doc, list[Doc], ItemRecord]) -> ItemRecord:
+        return _score_item(task, provider, mode, *job, seed=seed)
+
     items: list[ItemRecord] = []
-    group_positions: dict[str | None, int] = {}
     total = len(docs)
-    for position, doc in enumerate(docs):
-        group = task.group(doc) if task.group_field else None
-        group_position = group_positions.get(group, 0)
-        group_positions[group] = group_position + 1
-        record = ItemRecord(
-            model=model_name,
-            backend=provider.backend,
-            dataset=task.name,
-            item_id=task.doc_id(doc, position, group_position),
-            prediction=None,
-            gold=None,
-            correct=None,
-            group=group,
-        )
-        exemplars = sampler.exemplars(doc)  # drawn for every item, in order, as lm-eval does
-        item_started = time.perf_counter()
-        try:
-            if mode == "loglik":
-                _score_loglik(task, provider, doc, exemplars, record)
-            elif task.is_multiple_choice:
-                _score_letter(task, provider, doc, exemplars, record, seed)
-            else:
-                _score_generation(task, provider, doc, exemplars, record)
-        except LoglikelihoodUnsupported as exc:
-            raise ConfigError(f"{exc}; use --scoring generate") from exc
-        except Exception as exc:  # provider failure (or an unscorable doc): record it, go on
-            record.error = f"{type(exc).__name__}: {exc}"
-            record.correct = None
-            record.metrics = {}
-            if not record.latency_s:
-                record.latency_s = time.perf_counter() - item_started
+    for record in _in_order(score, jobs(), provider.max_concurrency):
         items.append(record)
         if on_item is not None:
             on_item(record)
         if progress is not None:
-            progress(position + 1, total)
+            progress(len(items), total)
     return TaskRun(
         model=model_name,
         backend=provider.backend,

@@ -34,11 +34,12 @@ def data_location(url: str) -> str:
     return f"cloud {host}"
 
 
-def _is_unspecified(host: str) -> bool:
+def _is_ip_literal(host: str) -> bool:
     try:
-        return ipaddress.ip_address(host.strip("[]")).is_unspecified
+        ipaddress.ip_address(host.strip("[]").split("%")[0])
     except ValueError:
         return False
+    return True
 
 
 class RemoteConnectionBlocked(ConnectionRefusedError):
@@ -52,10 +53,18 @@ class NetworkGuard:
         self.blocked: list[str] = []
         self._lock = threading.Lock()
         self._saved: dict[str, Any] = {}
+        self._reported = 0
 
     @property
     def active(self) -> bool:
         return bool(self._saved)
+
+    def take_blocked(self) -> list[str]:
+        """The destinations refused since the last call (they stay in ``blocked``)."""
+        with self._lock:
+            fresh = self.blocked[self._reported:]
+            self._reported = len(self.blocked)
+        return fresh
 
     def _refuse(self, destination: str) -> RemoteConnectionBlocked:
         with self._lock:
@@ -90,7 +99,8 @@ class NetworkGuard:
 
         def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
             name = host.decode() if isinstance(host, bytes) else host
-            if name and not is_loopback_host(str(name)) and not _is_unspecified(str(name)):  # DNS leaks the name
+            # looking up a name already sends it to a DNS server; IP literals resolve locally (connect checks them)
+            if name and not is_loopback_host(str(name)) and not _is_ip_literal(str(name)):
                 raise guard._refuse(str(name))
             return original_getaddrinfo(host, *args, **kwargs)
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from llmlab_fixtures.availability import UnavailableModel
 from llmlab_fixtures.errors import ConfigError
 from llmlab_fixtures.registry import load_models
 from llmlab_fixtures.specs import SPEC_SYNTAX, ModelSpec, parse_specs
@@ -87,6 +88,7 @@ class RunConfig:
     max_retries: int = 4
     concurrency: int = 4
     dropped_models: tuple[str, ...] = ()
+    unavailable: tuple[UnavailableModel, ...] = ()  # requested, checked, and not runnable here
     notices: tuple[str, ...] = field(default_factory=tuple)
 
     def public_dict(self) -> dict[str, Any]:
@@ -112,6 +114,7 @@ class RunConfig:
             "max_retries": self.max_retries,
             "concurrency": self.concurrency,
             "dropped_models": list(self.dropped_models),
+            "unavailable_models": {u.label: u.reason for u in self.unavailable},
             "notices": list(self.notices),
         }
 

@@ -5,25 +5,31 @@ Hooks stay thin; the work lives in options, session (worker side), collect (cont
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from llmlab_fixtures.availability import UnavailableModel, split_available
 from llmlab_fixtures.collect import ResultCollector, summary_property
 from llmlab_fixtures.errors import LlmlabError
+from llmlab_fixtures.network import NetworkGuard
 from llmlab_fixtures.options import RunConfig, add_options, build_run_config
-from llmlab_fixtures.providers import check_available
 from llmlab_fixtures.session import BenchSession, LoadedModel, backend_settings, load_model, run_scoring
 from llmlab_fixtures.storage import remove_parts, write_results
 from llmlab_fixtures.summary import TaskSummary, record_properties
-from llmlab_fixtures.table import comparison_table
+from llmlab_fixtures.table import comparison_table, privacy_note
 
 RUN_CONFIG = pytest.StashKey[RunConfig]()
 SESSION = pytest.StashKey[BenchSession]()
 COLLECTOR = pytest.StashKey[ResultCollector]()
+GUARD = pytest.StashKey[NetworkGuard]()
 OUTPUT_DIR_INPUT = "llmlab_output_dir"
+UNAVAILABLE_INPUT = "llmlab_unavailable"
+BLOCKED_PROPERTY = "llmlab_blocked_connections"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -32,6 +38,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def _is_worker(config: pytest.Config) -> bool:
     return hasattr(config, "workerinput")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if GUARD in config.stash:
+        config.stash[GUARD].uninstall()
 
 
 def _dist_given(config: pytest.Config) -> bool:
@@ -45,16 +56,37 @@ def pytest_configure(config: pytest.Config) -> None:
         config.option.dist = "loadgroup"  # pin each model to one worker: loaded at most once per run
     if getattr(config.option, "help", False):
         return
-    output_dir = config.workerinput.get(OUTPUT_DIR_INPUT) if _is_worker(config) else None  # type: ignore[attr-defined]
+    workerinput = getattr(config, "workerinput", None)
+    output_dir = workerinput.get(OUTPUT_DIR_INPUT) if workerinput else None
     try:
         run_config = build_run_config(config.option, Path(output_dir) if output_dir else None)
+        if run_config.local_only:
+            guard = NetworkGuard()
+            guard.install()
+            config.stash[GUARD] = guard
+        run_config = _with_availability(run_config, workerinput)
     except LlmlabError as exc:
         raise pytest.UsageError(str(exc)) from None
     config.stash[RUN_CONFIG] = run_config
     config.stash[SESSION] = BenchSession(run_config, progress=_progress_writer(config))
     config.stash[COLLECTOR] = ResultCollector()
-    if not _is_worker(config):
+    if workerinput is None:
         config.pluginmanager.register(ControllerHooks(config), "llmlab-controller")
+
+
+def _with_availability(run_config: RunConfig, workerinput: dict[str, Any] | None) -> RunConfig:
+    """Drop models that cannot run here; the controller checks, xdist workers take its verdict."""
+    if workerinput is not None:
+        unavailable = [UnavailableModel.from_json(u) for u in json.loads(workerinput.get(UNAVAILABLE_INPUT, "[]"))]
+    else:
+        _, unavailable = split_available(run_config.models, backend_settings(run_config))
+    if not unavailable:
+        return run_config
+    gone = {u.label for u in unavailable}
+    models = tuple(m for m in run_config.models if m.label not in gone)
+    if not models:
+        raise LlmlabError("; ".join(u.reason for u in unavailable))
+    return dataclasses.replace(run_config, models=models, unavailable=tuple(unavailable))
 
 
 def _progress_writer(config: pytest.Config) -> Callable[[str], None] | None:
@@ -75,7 +107,9 @@ def _progress_writer(config: pytest.Config) -> Callable[[str], None] | None:
 @pytest.hookimpl(optionalhook=True)
 def pytest_configure_node(node: Any) -> None:
     """xdist: every worker writes into the controller's results directory."""
-    node.workerinput[OUTPUT_DIR_INPUT] = str(node.config.stash[RUN_CONFIG].output_dir)
+    run_config = node.config.stash[RUN_CONFIG]
+    node.workerinput[OUTPUT_DIR_INPUT] = str(run_config.output_dir)
+    node.workerinput[UNAVAILABLE_INPUT] = json.dumps([u.to_json() for u in run_config.unavailable])
 
 
 @pytest.hookimpl(optionalhook=True, tryfirst=True)
@@ -88,20 +122,6 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     return ModelScheduling(config, log, labels=[m.label for m in config.stash[RUN_CONFIG].models])
 
 
-def pytest_sessionstart(session: pytest.Session) -> None:
-    """Validate every requested model before any test runs (controller only)."""
-    config = session.config
-    if _is_worker(config) or RUN_CONFIG not in config.stash:
-        return
-    run_config = config.stash[RUN_CONFIG]
-    settings = backend_settings(run_config)
-    for spec in run_config.models:
-        try:
-            check_available(spec, settings)
-        except LlmlabError as exc:
-            raise pytest.UsageError(str(exc)) from None
-
-
 def pytest_report_header(config: pytest.Config) -> list[str] | None:
     if RUN_CONFIG not in config.stash:
         return None
@@ -111,6 +131,9 @@ def pytest_report_header(config: pytest.Config) -> list[str] | None:
     lines += [f"llmlab: {notice}" for notice in run.notices]
     if run.dropped_models:
         lines.append(f"llmlab: --local-only dropped {', '.join(run.dropped_models)}")
+    if run.local_only:
+        lines.append("llmlab: --local-only: connections to anything but loopback are refused for this run")
+    lines += [f"llmlab: {u.line}" for u in run.unavailable]
     return lines
 
 
@@ -160,6 +183,16 @@ def run_task(model: LoadedModel, llmlab_session: BenchSession,
     return run
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Under --local-only, carry refused connections to the controller on the test's report."""
+    outcome = yield
+    guard = item.config.stash.get(GUARD, None)
+    if guard is not None and (blocked := guard.take_blocked()):
+        report = outcome.get_result()
+        report.user_properties = [*report.user_properties, (BLOCKED_PROPERTY, json.dumps(blocked))]
+
+
 class ControllerHooks:
     """Hooks that run only where results are merged: the xdist controller, or the single pytest process."""
 
@@ -169,26 +202,43 @@ class ControllerHooks:
         self.collector = config.stash[COLLECTOR]
         self.written: list[Path] = []
         self.summaries: list[TaskSummary] = []
+        self.notes: list[str] = []
+        self.blocked: set[str] = set()
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         if report.when == "call":
             self.collector.add_report(report.user_properties)
+        for key, value in report.user_properties:
+            if key == BLOCKED_PROPERTY:
+                self.blocked.update(json.loads(value))
+
+    def _notes(self) -> list[str]:
+        notes = list(self.run.notices) + [u.line for u in self.run.unavailable]
+        guard = self.config.stash.get(GUARD, None)
+        if guard is not None:
+            self.blocked.update(guard.take_blocked())
+        if self.run.local_only:
+            notes.append(privacy_note(self.summaries, sorted(self.blocked)))
+        return notes
 
     @pytest.hookimpl(trylast=True)
-    def pytest_sessionfinish(self) -> None:
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
         self.summaries = summaries = self.collector.merged([m.label for m in self.run.models])
+        self.notes = self._notes()
         if summaries:
             self.written = write_results(self.run.output_dir, summaries, formats=self.run.export_formats,
-                                         config=self.run.public_dict(), notes=list(self.run.notices))
+                                         config=self.run.public_dict(), notes=self.notes)
             remove_parts(self.run.output_dir)
+        failed_models = any(not u.missing_key for u in self.run.unavailable)
+        if (failed_models or self.blocked) and session.exitstatus == pytest.ExitCode.OK:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
-        if not self.summaries:
-            return
-        terminalreporter.write_sep("=", f"llmlab comparison ({run_scoring(self.run)} scoring)")
-        for line in comparison_table(self.summaries):
-            terminalreporter.write_line(line)
-        for notice in self.run.notices:
-            terminalreporter.write_line(f"note: {notice}")
+        if self.summaries:
+            terminalreporter.write_sep("=", f"llmlab comparison ({run_scoring(self.run)} scoring)")
+            for line in comparison_table(self.summaries):
+                terminalreporter.write_line(line)
+        for note in self.notes:
+            terminalreporter.write_line(f"note: {note}")
         if self.written:
             terminalreporter.write_line(f"results: {', '.join(str(p) for p in self.written)}")

@@ -46,7 +46,21 @@ def comparison_table(summaries: Sequence[TaskSummary], markdown: bool = False) -
             errors = f", {s.n_errors} errors" if s.n_errors else ""
             cells.append(f"{_fmt(metric['value'])} ± {_fmt(metric['stderr'])} ({_fmt(s.items_per_s, 1)} it/s{errors})")
         rows.append(cells)
+    locations = {s.model: s.data_location for s in summaries}
+    rows.append(["data sent to", *(locations[m] for m in models)])
     return text_grid(["dataset (metric)", *models], rows, markdown)
+
+
+def privacy_note(summaries: Sequence[TaskSummary], blocked: Sequence[str]) -> str:
+    """What a --local-only run can say about where its data went, backed by the network guard."""
+    remote = sorted({s.model for s in summaries if s.data_location.startswith("cloud")})
+    if blocked:
+        return (f"--local-only: the network guard REFUSED connections to {', '.join(blocked)}; "
+                "no data left the machine, but something tried to send it")
+    if remote:
+        return f"--local-only: data went off the machine for {', '.join(remote)}"
+    return ("--local-only: every model ran in-process or on a loopback server; the network guard refused "
+            "all other connections and none was attempted")
 
 
 def detail_table(summaries: Sequence[TaskSummary], markdown: bool = False) -> list[str]:

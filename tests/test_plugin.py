@@ -129,3 +129,18 @@ def test_scoring_generate_letters_the_choices_and_skips_mc2(bench_pytester: pyte
         assert item["correct"] == (item["prediction"] == item["gold"])
     with (out / "summary.csv").open() as handle:
         assert {r["scoring"] for r in csv.DictReader(handle)} == {"generate"}
+
+
+def test_an_unavailable_model_is_reported_and_the_others_run(bench_pytester: pytest.Pytester, data_dir: Path) -> None:
+    out = bench_pytester.path / "run"
+    result = bench_pytester.runpytest_subprocess(
+        "-k", "arc_easy", "--models=local:smollm2-135m,local:qwen-0.5b", "--limit=2", f"--data-dir={data_dir}",
+        f"--output-dir={out}", "-p", "no:cacheprovider", "-n", "2",
+    )
+    assert result.ret == pytest.ExitCode.TESTS_FAILED  # a requested model did not run
+    result.assert_outcomes(passed=1)
+    line = "skipped llama-cpp:qwen-0.5b: model 'qwen-0.5b' is not available locally; get it with*"
+    result.stdout.fnmatch_lines([f"llmlab: {line}", f"dataset (metric)*{SMOLLM}", f"note: {line}"])
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["models"]) == [SMOLLM]
+    assert "qwen-0.5b" in results["config"]["unavailable_models"]["llama-cpp:qwen-0.5b"]
