@@ -37,6 +37,7 @@ class ModelSpec:
     target: str  # alias, file path, repo id, Ollama tag or API model name
     entry: ModelEntry | None = None  # registry entry when target is an alias
     base_url: str | None = None  # openai-compat endpoints
+    api_key_env: str | None = None  # openai-compat: the variable holding that host's key (registry entries)
 
     @property
     def label(self) -> str:
@@ -95,13 +96,24 @@ def parse_spec(raw: str, models: dict[str, ModelEntry], *, use_local: bool = Fal
         entry = models[text]
         if entry.local_backends and (use_local or not entry.cloud_backends):
             return _local_spec(text, text, models)
-        return ModelSpec(text, entry.cloud_backends[0], entry.sources[entry.cloud_backends[0]], entry)
+        return _cloud_spec(text, entry)
     if text.lower().endswith(".gguf"):
         return ModelSpec(text, "llama-cpp", text)
     for family, backend in _CLOUD_FAMILIES:
         if text.lower().startswith(family):
             return ModelSpec(text, backend, text)
     raise ConfigError(_unknown_model_message(text, models))
+
+
+def _cloud_spec(raw: str, entry: ModelEntry) -> ModelSpec:
+    backend = entry.cloud_backends[0]
+    source = entry.sources[backend]
+    if backend == "openai-compat":  # {base_url, model, api_key_env}
+        if not isinstance(source, dict) or not source.get("base_url") or not source.get("model"):
+            raise ConfigError(f"model {entry.alias!r}: its openai-compat source needs base_url and model")
+        return ModelSpec(raw, backend, source["model"], entry, base_url=source["base_url"],
+                         api_key_env=source.get("api_key_env"))
+    return ModelSpec(raw, backend, str(source), entry)
 
 
 def _local_spec(raw: str, target: str, models: dict[str, ModelEntry]) -> ModelSpec:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from llmlab_fixtures.errors import ConfigError
@@ -43,8 +45,25 @@ def test_openai_compatible_endpoint() -> None:
 
 
 def test_use_local_prefers_the_local_form() -> None:
-    assert parse_spec("gpt-oss-20b", MODELS).backend == "llama-cpp"  # no cloud API entry: local anyway
+    hosted = parse_spec("gpt-oss-20b", MODELS)  # served both as a GGUF and by an OpenAI-compatible host
+    assert (hosted.backend, hosted.target, hosted.api_key_env) == ("openai-compat", "openai/gpt-oss-20b",
+                                                                   "GROQ_API_KEY")
+    assert hosted.label == "openai-compat:gpt-oss-20b" and not hosted.is_local
+    local = parse_spec("gpt-oss-20b", MODELS, use_local=True)
+    assert (local.backend, local.label, local.is_local) == ("llama-cpp", "llama-cpp:gpt-oss-20b", True)
+    assert parse_spec("qwen-0.5b", MODELS).backend == "llama-cpp"  # no API form: local anyway
     assert parse_spec("gpt-4o-mini", MODELS, use_local=True).backend == "openai"  # has no local form
+
+
+def test_use_local_on_a_user_model_with_both_forms(tmp_path: Path) -> None:
+    (tmp_path / "llmlab.toml").write_text(
+        '[models.mine]\ngguf = { path = "/models/mine.gguf" }\n'
+        '"openai-compat" = { base_url = "http://127.0.0.1:9000/v1", model = "mine-q4" }\n'
+    )
+    models = load_models((tmp_path / "llmlab.toml",))
+    assert parse_spec("mine", models).label == "openai-compat:mine"
+    assert parse_spec("mine", models).base_url == "http://127.0.0.1:9000/v1"
+    assert parse_spec("mine", models, use_local=True).label == "llama-cpp:mine"
 
 
 @pytest.mark.parametrize(
