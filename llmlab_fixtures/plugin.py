@@ -18,10 +18,11 @@ from llmlab_fixtures.collect import ResultCollector, summary_property
 from llmlab_fixtures.errors import LlmlabError
 from llmlab_fixtures.network import NetworkGuard
 from llmlab_fixtures.options import RunConfig, add_options, build_run_config
+from llmlab_fixtures.paired import PairedComparison, compare_pairs, read_items
 from llmlab_fixtures.session import BenchSession, LoadedModel, backend_settings, load_model, run_scoring
 from llmlab_fixtures.storage import remove_parts, write_results
 from llmlab_fixtures.summary import TaskSummary, record_properties
-from llmlab_fixtures.table import comparison_table, privacy_note
+from llmlab_fixtures.table import agreement_table, comparison_table, privacy_note
 
 RUN_CONFIG = pytest.StashKey[RunConfig]()
 SESSION = pytest.StashKey[BenchSession]()
@@ -203,6 +204,7 @@ class ControllerHooks:
         self.written: list[Path] = []
         self.summaries: list[TaskSummary] = []
         self.notes: list[str] = []
+        self.comparisons: list[PairedComparison] = []
         self.blocked: set[str] = set()
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
@@ -229,6 +231,7 @@ class ControllerHooks:
             self.written = write_results(self.run.output_dir, summaries, formats=self.run.export_formats,
                                          config=self.run.public_dict(), notes=self.notes)
             remove_parts(self.run.output_dir)
+            self.comparisons = compare_pairs(read_items(self.written[0]), [m.label for m in self.run.models])
         failed_models = any(not u.missing_key for u in self.run.unavailable)
         if (failed_models or self.blocked) and session.exitstatus == pytest.ExitCode.OK:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
@@ -237,6 +240,10 @@ class ControllerHooks:
         if self.summaries:
             terminalreporter.write_sep("=", f"llmlab comparison ({run_scoring(self.run)} scoring)")
             for line in comparison_table(self.summaries):
+                terminalreporter.write_line(line)
+        if self.comparisons:
+            terminalreporter.write_sep("-", "same items, model against model")
+            for line in agreement_table(self.comparisons):
                 terminalreporter.write_line(line)
         for note in self.notes:
             terminalreporter.write_line(f"note: {note}")

@@ -9,10 +9,12 @@ import os
 import platform
 import tempfile
 from collections.abc import Iterable, Sequence
+from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from llmlab_fixtures.paired import compare_pairs, read_items
 from llmlab_fixtures.records import ItemRecord
 from llmlab_fixtures.summary import SUMMARY_COLUMNS, TaskSummary
 from llmlab_fixtures.table import markdown_report
@@ -115,12 +117,13 @@ def write_results(output_dir: Path, summaries: Sequence[TaskSummary], *, formats
     """Write the results directory; returns the files written."""
     output_dir.mkdir(parents=True, exist_ok=True)
     written = [merge_items(output_dir, summaries)]
+    comparisons = compare_pairs(read_items(written[0]), list(dict.fromkeys(s.model for s in summaries)))
     if "csv" in formats:
         written.append(output_dir / "summary.csv")
         atomic_write_text(written[-1], summary_csv(summaries))
     if "markdown" in formats:
         written.append(output_dir / "summary.md")
-        atomic_write_text(written[-1], markdown_report(summaries, "llmlab results", notes))
+        atomic_write_text(written[-1], markdown_report(summaries, "llmlab results", notes, comparisons))
     if "json" in formats:
         written.append(output_dir / "results.json")
         document = {
@@ -130,6 +133,7 @@ def write_results(output_dir: Path, summaries: Sequence[TaskSummary], *, formats
             "models": {s.model: s.model_info for s in summaries},
             "model_loads": model_loads(summaries),
             "summary": [s.to_json() for s in summaries],
+            "paired": [asdict(c) for c in comparisons],
             "notes": list(notes),
         }
         atomic_write_text(written[-1], json.dumps(document, indent=2, ensure_ascii=False) + "\n")

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from llmlab_fixtures.summary import TaskSummary
+
+if TYPE_CHECKING:
+    from llmlab_fixtures.paired import PairedComparison
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
@@ -77,12 +81,24 @@ def detail_table(summaries: Sequence[TaskSummary], markdown: bool = False) -> li
     return text_grid(header, rows, markdown)
 
 
-def markdown_report(summaries: Sequence[TaskSummary], title: str, notes: Sequence[str] = ()) -> str:
-    """summary.md: the comparison table, the detail table and the run's notes."""
+def agreement_table(comparisons: Sequence[PairedComparison], markdown: bool = False) -> list[str]:
+    """Per dataset and pair of models: items compared, same prediction, both right, only one right."""
+    header = ["dataset", "model A", "model B", "n", "same prediction", "both right", "only A right", "only B right"]
+    rows = [[c.dataset, c.model_a, c.model_b, str(c.n), f"{c.same_prediction} ({c.agreement:.0%})",
+             str(c.both_correct), str(c.only_a), str(c.only_b)] for c in comparisons]
+    return text_grid(header, rows, markdown)
+
+
+def markdown_report(summaries: Sequence[TaskSummary], title: str, notes: Sequence[str] = (),
+                    comparisons: Sequence[PairedComparison] = ()) -> str:
+    """summary.md: the comparison table, the detail table, item-by-item agreement and the run's notes."""
     lines = [f"# {title}", "", "## Comparison (primary metric ± stderr, items/s)", ""]
     lines += comparison_table(summaries, markdown=True)
     lines += ["", "## All metrics", ""]
     lines += detail_table(summaries, markdown=True)
+    if comparisons:
+        lines += ["", "## Same items, model against model", ""]
+        lines += agreement_table(comparisons, markdown=True)
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"

@@ -65,6 +65,8 @@ def test_xdist_gives_identical_results_and_loads_each_model_once(bench_pytester:
     parallel = bench_pytester.runpytest_subprocess(*common, "-n", "2",
                                                    f"--output-dir={bench_pytester.path / 'parallel'}")
     parallel.assert_outcomes(passed=4)
+    parallel.stdout.fnmatch_lines(["*same items, model against model*",
+                                   f"arc_challenge*{SMOLLM}*{GEMMA}*3*", f"truthfulqa_mc2*{SMOLLM}*{GEMMA}*3*"])
     a, b = _items(bench_pytester.path / "serial"), _items(bench_pytester.path / "parallel")
     key = ("model", "dataset", "item_id", "prediction", "correct")
     assert [tuple(i[k] for k in key) for i in a] == [tuple(i[k] for k in key) for i in b]
