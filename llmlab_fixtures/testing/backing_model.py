@@ -31,7 +31,10 @@ class BackingModel:
 
         self.path = Path(gguf_path)
         self.load_started = time.perf_counter()
-        self.llm = Llama(model_path=str(self.path), n_ctx=n_ctx, n_threads=n_threads, seed=seed, verbose=False)
+        # both thread counts: llama-cpp-python otherwise processes prompts on every CPU, which on a small shared
+        # machine is many times slower than the cores it was given
+        self.llm = Llama(model_path=str(self.path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
+                         seed=seed, verbose=False)
         self.load_s = time.perf_counter() - self.load_started
         self.lock = threading.Lock()
 

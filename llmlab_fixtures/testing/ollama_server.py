@@ -1,0 +1,980 @@
+"""A loopback server speaking Ollama's REST API, serving real GGUF models through llama-cpp-python.
+
+It answers the official ``ollama`` Python client (and curl) the way an Ollama server does: ``/api/generate`` and
+``/api/chat`` (NDJSON streams or one JSON object), ``/api/tags``, ``/api/show``, ``/api/ps``, ``/api/pull``,
+``/api/version`` and ``/``. Models load on first use and unload when their ``keep_alive`` runs out. Requests to one
+model are served one at a time. Start it by hand with::
+
+    python -m llmlab_fixtures.testing.ollama_server [--port 11434] [--model TAG=PATH ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import math
+import os
+import re
+import signal
+import socket
+import socketserver
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, TextIO
+
+from llmlab_fixtures.testing.backing_model import BackingModel
+
+VERSION = "0.0.0"  # what a development build of Ollama reports
+DEFAULT_PORT = 11434
+DEFAULT_NUM_CTX = 4096
+DEFAULT_KEEP_ALIVE_S = 300.0  # Ollama's default "5m" (or $OLLAMA_KEEP_ALIVE)
+DEFAULT_TEMPERATURE = 0.8  # Ollama's default sampling temperature
+FOREVER_S = 290 * 365.25 * 86400.0  # a negative keep_alive keeps the model loaded (Go's max duration, ~292 years)
+_HASH_BLOCK = 8 << 20
+
+# Types of the options Ollama's api.Options accepts (unknown options are ignored, as Ollama does).
+_INT_OPTIONS = frozenset({"num_ctx", "num_batch", "num_gpu", "main_gpu", "num_thread", "num_keep", "seed",
+                          "num_predict", "top_k", "repeat_last_n", "mirostat"})
+_FLOAT_OPTIONS = frozenset({"temperature", "top_p", "min_p", "typical_p", "tfs_z", "repeat_penalty",
+                            "presence_penalty", "frequency_penalty", "mirostat_tau", "mirostat_eta"})
+_BOOL_OPTIONS = frozenset({"numa", "low_vram", "f16_kv", "logits_all", "vocab_only", "use_mmap", "use_mlock",
+                           "embedding_only", "penalize_newline"})
+
+# Request fields and their JSON types, for Go-style "cannot unmarshal" messages.
+_REQUEST_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
+    "GenerateRequest": {"model": (str,), "prompt": (str,), "suffix": (str,), "system": (str,), "template": (str,),
+                        "raw": (bool,), "stream": (bool,), "options": (dict,), "context": (list,),
+                        "images": (list,), "format": (str, dict), "think": (bool, str)},
+    "ChatRequest": {"model": (str,), "messages": (list,), "stream": (bool,), "options": (dict,), "tools": (list,),
+                    "format": (str, dict), "think": (bool, str)},
+    "ShowRequest": {"model": (str,), "name": (str,), "verbose": (bool,), "system": (str,)},
+    "PullRequest": {"model": (str,), "name": (str,), "stream": (bool,), "insecure": (bool,)},
+}
+_JSON_TYPE_NAMES = {str: "string", bool: "bool", dict: "object", list: "array", int: "number", float: "number"}
+_GO_TYPE_NAMES = {str: "string", bool: "bool", dict: "map[string]interface {}", list: "[]interface {}"}
+
+
+class ApiError(Exception):
+    """An error answered as ``{"error": message}`` with an HTTP status, the way Ollama answers errors."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+# --- small helpers ---------------------------------------------------------------------------------------------
+
+
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+
+
+def parse_go_duration(text: str) -> float:
+    """Seconds in a Go duration string (``"5m"``, ``"1h30m"``, ``"300ms"``, ``"0"``); ValueError like Go's."""
+    original, rest, sign = text, text, 1.0
+    if rest[:1] in "+-" and rest:
+        sign, rest = (-1.0 if rest[0] == "-" else 1.0), rest[1:]
+    if rest == "0":
+        return 0.0
+    if not rest:
+        raise ValueError(f"time: invalid duration {json.dumps(original)}")
+    total, pos = 0.0, 0
+    while pos < len(rest):
+        match = _DURATION_PART.match(rest, pos)
+        if match is None:
+            unit_missing = re.fullmatch(r"[\d.]+", rest[pos:]) is not None
+            reason = "missing unit in duration" if unit_missing else "invalid duration"
+            raise ValueError(f"time: {reason} {json.dumps(original)}")
+        total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        pos = match.end()
+    return sign * total
+
+
+def parse_keep_alive(value: Any, default: float) -> float:
+    """Seconds a model stays loaded after a request: a number is seconds, a string a Go duration; negative = forever."""
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        raise ApiError(400, "json: cannot unmarshal bool into Go struct field .keep_alive of type api.Duration")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str):
+        try:
+            seconds = parse_go_duration(value)
+        except ValueError as exc:
+            raise ApiError(400, str(exc)) from None
+    else:
+        raise ApiError(400, f"json: cannot unmarshal {_json_type(value)} into Go struct field .keep_alive "
+                            "of type api.Duration")
+    return FOREVER_S if seconds < 0 else seconds
+
+
+def normalize_tag(name: str) -> str:
+    """Ollama's short model name: ``smollm2`` and ``registry.ollama.ai/library/smollm2:latest`` → ``smollm2:latest``."""
+    name = name.strip()
+    for prefix in ("registry.ollama.ai/", "library/"):
+        if name.lower().startswith(prefix):
+            name = name[len(prefix):]
+    last = name.rsplit("/", 1)[-1]
+    if ":" not in last:
+        name += ":latest"
+    return name.lower()
+
+
+def human_number(n: int) -> str:
+    """Ollama's parameter_size format: 134515008 → ``134.52M``, 8030261248 → ``8.0B``."""
+    for scale, suffix, digits in ((1e9, "B", 1), (1e6, "M", 2)):
+        if n >= scale:
+            value = n / scale
+            return f"{value:.0f}{suffix}" if value == math.floor(value) else f"{value:.{digits}f}{suffix}"
+    return f"{n / 1e3:.0f}K" if n >= 1e3 else str(n)
+
+
+def _rfc3339(epoch: float, *, local: bool = False) -> str:
+    moment = datetime.fromtimestamp(epoch, tz=timezone.utc)
+    if local:
+        return moment.astimezone().isoformat()
+    return moment.isoformat().replace("+00:00", "Z")
+
+
+def _now_utc() -> str:
+    return _rfc3339(time.time())
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    for kind, name in _JSON_TYPE_NAMES.items():
+        if isinstance(value, kind):
+            return name
+    return type(value).__name__
+
+
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+_DIGEST_LOCK = threading.Lock()
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a model file, computed once per (path, size, mtime) in this process."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    with _DIGEST_LOCK:
+        if key not in _DIGESTS:
+            digest = hashlib.sha256()
+            with path.open("rb") as handle:
+                while block := handle.read(_HASH_BLOCK):
+                    digest.update(block)
+            _DIGESTS[key] = digest.hexdigest()
+        return _DIGESTS[key]
+
+
+def _perf_data(model: BackingModel) -> Any | None:
+    """llama.cpp's own prompt/eval counters for the model's context (None if this llama-cpp-python lacks them)."""
+    try:
+        import llama_cpp
+
+        return llama_cpp.llama_perf_context(model.llm._ctx.ctx)
+    except Exception:
+        return None
+
+
+def _perf_reset(model: BackingModel) -> None:
+    with contextlib.suppress(Exception):
+        import llama_cpp
+
+        llama_cpp.llama_perf_context_reset(model.llm._ctx.ctx)
+
+
+# --- models ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelSlot:
+    """One registered tag: its GGUF, and the loaded model while it is in memory."""
+
+    tag: str
+    path: Path
+    lock: threading.Lock = field(default_factory=threading.Lock)  # one request at a time per model
+    model: BackingModel | None = None
+    n_ctx: int = 0
+    n_threads: int | None = None
+    expires_at: float = 0.0  # epoch seconds
+    _header: dict[str, Any] | None = None
+
+    @property
+    def header(self) -> dict[str, Any]:
+        """The parsed GGUF header (key/values and tensor table; no weights are read)."""
+        if self._header is None:
+            from llmlab_fixtures.embedded import check_gguf_file
+
+            self._header = check_gguf_file(self.path)
+        return self._header
+
+    @property
+    def architecture(self) -> str:
+        return str(self.header["kv"].get("general.architecture") or "")
+
+    @property
+    def parameter_count(self) -> int:
+        kv = self.header["kv"]
+        return int(kv.get("general.parameter_count") or self.header["tensor_elements"] or 0)
+
+    def details(self) -> dict[str, Any]:
+        from llmlab_fixtures.embedded import gguf_metadata
+
+        meta = gguf_metadata(self.path)
+        arch = self.architecture
+        return {"parent_model": "", "format": "gguf", "family": arch, "families": [arch] if arch else None,
+                "parameter_size": human_number(self.parameter_count), "quantization_level": meta["quantization"] or ""}
+
+    def model_info(self) -> dict[str, Any]:
+        """GGUF key/values as Ollama's ``model_info``: long arrays emptied, name and chat template left out."""
+        header = self.header
+        info: dict[str, Any] = {}
+        for key, value in header["kv"].items():
+            if key in ("general.name", "tokenizer.chat_template"):
+                continue
+            info[key] = [] if isinstance(value, list) and len(value) > 5 else value
+        for key in header["array_lengths"]:
+            info.setdefault(key, [])
+        info["general.parameter_count"] = self.parameter_count
+        return dict(sorted(info.items()))
+
+    def memory_size(self) -> int:
+        """Bytes the loaded model takes: the file plus an f16 KV cache of ``n_ctx`` positions."""
+        from llmlab_fixtures.embedded import gguf_metadata
+
+        meta = gguf_metadata(self.path)
+        n_layer = int(meta.get("block_count") or 0)
+        heads_kv = meta.get("head_count_kv") or 0
+        per_layer = heads_kv if isinstance(heads_kv, list) else [heads_kv] * n_layer
+        kv_dims = int(meta.get("key_length") or 0) + int(meta.get("value_length") or 0)
+        return int(meta["file_size"]) + (self.n_ctx or DEFAULT_NUM_CTX) * sum(int(h) * kv_dims for h in per_layer) * 2
+
+
+# --- the HTTP side -----------------------------------------------------------------------------------------------
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], app: OllamaServer) -> None:
+        self.app = app
+        self.connections: set[socket.socket] = set()
+        self.connections_lock = threading.Lock()
+        super().__init__(address, _Handler)
+
+    def server_bind(self) -> None:
+        socketserver.TCPServer.server_bind(self)  # no reverse DNS lookup of the address
+        host, port = self.server_address[:2]
+        self.server_name, self.server_port = str(host), int(port)
+
+    def close_connections(self) -> None:
+        """Cut every open connection (pooled keep-alive ones included), like a server process that exits."""
+        with self.connections_lock:
+            connections = list(self.connections)
+        for conn in connections:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+
+
+class _Reply:
+    """One response: a JSON object, or an NDJSON stream in chunked encoding; errors mid-stream become a line."""
+
+    def __init__(self, handler: _Handler, *, stream: bool) -> None:
+        self.handler = handler
+        self.stream = stream
+        self.started = False
+        self.chunks = 0
+
+    def json(self, status: int, body: Any) -> None:
+        self.handler.send_json(status, body)
+        self.started = True
+
+    def line(self, body: Any) -> None:
+        """Send one streamed object (the headers go out with the first)."""
+        if not self.started:
+            self.handler.send_response(200)
+            self.handler.send_header("Content-Type", "application/x-ndjson")
+            self.handler.send_header("Transfer-Encoding", "chunked")
+            self.handler.end_headers()
+            self.started = True
+        data = json.dumps(body, ensure_ascii=False).encode() + b"\n"
+        self.handler.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.chunks += 1
+
+    def end(self) -> None:
+        if self.stream and self.started:
+            self.handler.wfile.write(b"0\r\n\r\n")
+
+    def error(self, status: int, message: str) -> None:
+        """Ollama's error reply: a status with ``{"error"}`` before any output, an ``{"error"}`` line after."""
+        if self.started and self.stream:
+            self.line({"error": message})
+            self.end()
+        elif not self.started:
+            self.json(status, {"error": message})
+
+
+_GET_ROUTES = {"/": "root", "/api/tags": "tags", "/api/ps": "ps", "/api/version": "version"}
+_HEAD_ROUTES = {"/": "root", "/api/tags": "tags", "/api/version": "version"}
+_POST_ROUTES = {"/api/generate": "generate", "/api/chat": "chat", "/api/show": "show", "/api/pull": "pull"}
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "llmlab-ollama-loopback"
+    sys_version = ""
+    server: _HTTPServer
+
+    def setup(self) -> None:
+        super().setup()
+        with self.server.connections_lock:
+            self.server.connections.add(self.connection)
+
+    def finish(self) -> None:
+        with self.server.connections_lock:
+            self.server.connections.discard(self.connection)
+        with contextlib.suppress(OSError):
+            super().finish()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        self.server.app.log(f"{self.address_string()} {format % args}")
+
+    # routing
+
+    def do_GET(self) -> None:
+        self._dispatch(_GET_ROUTES)
+
+    def do_HEAD(self) -> None:
+        self._dispatch(_HEAD_ROUTES)
+
+    def do_POST(self) -> None:
+        self._dispatch(_POST_ROUTES)
+
+    def do_DELETE(self) -> None:
+        self._dispatch({})
+
+    def _dispatch(self, routes: Mapping[str, str]) -> None:
+        path = self.path.split("?", 1)[0].rstrip("/") or "/"
+        body = self._read_body()
+        name = routes.get(path)
+        if name is None:
+            known = path in _GET_ROUTES or path in _POST_ROUTES
+            status, text = (405, "405 method not allowed") if known else (404, "404 page not found")
+            self.send_text(status, text)
+            return
+        reply = _Reply(self, stream=False)
+        try:
+            getattr(self.server.app, f"api_{name}")(self, body, reply)
+        except ApiError as exc:
+            self._fail(reply, exc.status, exc.message)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        except Exception as exc:  # a bug or a llama.cpp failure: Ollama answers 500 with the message
+            self._fail(reply, 500, f"{type(exc).__name__}: {exc}" if not str(exc) else str(exc))
+
+    def _fail(self, reply: _Reply, status: int, message: str) -> None:
+        try:
+            reply.error(status, message)
+        except OSError:
+            self.close_connection = True
+
+    def _read_body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            parts = []
+            while True:
+                size = int(self.rfile.readline().split(b";", 1)[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    return b"".join(parts)
+                parts.append(self.rfile.read(size))
+                self.rfile.readline()
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length > 0 else b""
+
+    def send_json(self, status: int, body: Any) -> None:
+        data = json.dumps(body, ensure_ascii=False).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def send_text(self, status: int, text: str) -> None:
+        data = text.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def cut_connection(self) -> None:
+        """Fault injection: drop the connection as a crashing server would (no final chunk)."""
+        self.close_connection = True
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+
+# --- the server --------------------------------------------------------------------------------------------------
+
+
+def _parse_request(body: bytes, kind: str) -> dict[str, Any]:
+    """Decode a request body and check field types; ApiError(400) with Ollama/Go-style messages."""
+    if not body.strip():
+        raise ApiError(400, "missing request body")
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ApiError(400, f"invalid JSON in request body: {exc}") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, f"json: cannot unmarshal {_json_type(data)} into Go value of type api.{kind}")
+    for key, types in _REQUEST_FIELDS[kind].items():
+        value = data.get(key)
+        if value is None:
+            data.pop(key, None)  # JSON null is the zero value in Go
+            continue
+        if not isinstance(value, types) or (bool not in types and isinstance(value, bool)):
+            raise ApiError(400, f"json: cannot unmarshal {_json_type(value)} into Go struct field "
+                                f"{kind}.{key} of type {_GO_TYPE_NAMES[types[0]]}")
+    return data
+
+
+def _check_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Options with Ollama's type rules: integers may arrive as JSON floats; stop is a list of strings."""
+    checked: dict[str, Any] = {}
+    for key, value in options.items():
+        if value is None:
+            continue
+        if key in _INT_OPTIONS:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ApiError(400, f"option {json.dumps(key)} must be of type integer")
+            checked[key] = int(value)
+        elif key in _FLOAT_OPTIONS:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ApiError(400, f"option {json.dumps(key)} must be of type float32")
+            checked[key] = float(value)
+        elif key in _BOOL_OPTIONS:
+            if not isinstance(value, bool):
+                raise ApiError(400, f"option {json.dumps(key)} must be of type boolean")
+            checked[key] = value
+        elif key == "stop":
+            if isinstance(value, str):
+                value = [value]
+            if not isinstance(value, list):
+                raise ApiError(400, 'option "stop" must be of type array')
+            if not all(isinstance(s, str) for s in value):
+                raise ApiError(400, 'option "stop" must be of an array of strings')
+            checked[key] = [s for s in value if s]
+        # unknown options: Ollama logs "invalid option provided" and goes on
+    return checked
+
+
+@dataclass
+class _Faults:
+    """Failures a test can inject into the next generation on this server."""
+
+    fail_message: str | None = None  # the next generation raises this (HTTP 500)
+    drop_after: int | None = None  # the next stream is cut after this many chunks
+
+
+class OllamaServer:
+    """An Ollama-compatible HTTP server on 127.0.0.1 serving ``models`` (tag → GGUF path) with llama-cpp-python."""
+
+    def __init__(self, models: Mapping[str, str | Path] | None = None, *, port: int = 0,
+                 keep_alive: float | None = None, num_ctx: int = DEFAULT_NUM_CTX, num_thread: int | None = None,
+                 log: TextIO | None = None) -> None:
+        models = default_models() if models is None else models
+        self.slots: dict[str, ModelSlot] = {}
+        for tag, path in models.items():
+            display = tag.strip()
+            if ":" not in display.rsplit("/", 1)[-1]:
+                display += ":latest"  # Ollama never hides the tag in listings
+            self.slots[normalize_tag(tag)] = ModelSlot(tag=display, path=Path(path))
+        if keep_alive is None:
+            env = os.environ.get("OLLAMA_KEEP_ALIVE")
+            keep_alive = parse_keep_alive(env, DEFAULT_KEEP_ALIVE_S) if env else DEFAULT_KEEP_ALIVE_S
+        self.keep_alive = keep_alive
+        self.num_ctx = num_ctx
+        self.num_thread = num_thread or _physical_cores()
+        self.port = port
+        self.faults = _Faults()
+        self._log = log
+        self._log_lock = threading.Lock()
+        self._http: _HTTPServer | None = None
+        self._threads: list[threading.Thread] = []
+        self._stopping = threading.Event()
+
+    # lifecycle
+
+    @property
+    def url(self) -> str:
+        """Base URL, e.g. ``http://127.0.0.1:41234`` (what OLLAMA_HOST should be set to)."""
+        if self._http is None:
+            raise RuntimeError("the server is not running; call start()")
+        return f"http://127.0.0.1:{self._http.server_address[1]}"
+
+    def start(self) -> OllamaServer:
+        """Bind 127.0.0.1:port (0 = a free port) and serve in background threads."""
+        if self._http is not None:
+            return self
+        self._stopping.clear()
+        self._http = _HTTPServer(("127.0.0.1", self.port), self)
+        serve = threading.Thread(target=self._http.serve_forever, kwargs={"poll_interval": 0.2},
+                                 name="ollama-loopback", daemon=True)
+        reaper = threading.Thread(target=self._reap, name="ollama-loopback-keepalive", daemon=True)
+        self._threads = [serve, reaper]
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop accepting requests, cut open connections and unload every model."""
+        http, self._http = self._http, None
+        if http is None:
+            return
+        self._stopping.set()
+        http.shutdown()
+        http.close_connections()
+        http.server_close()
+        for thread in self._threads:
+            thread.join(timeout=5)
+        for slot in self.slots.values():
+            if slot.lock.acquire(timeout=30):  # never free a model a request thread is still using
+                try:
+                    self._unload(slot)
+                finally:
+                    slot.lock.release()
+
+    def __enter__(self) -> OllamaServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def serve_forever(self) -> None:
+        """Start and block until SIGINT/SIGTERM (the command-line entry point)."""
+        self.start()
+        done = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: done.set())
+        try:
+            while not done.wait(0.5):
+                pass
+        finally:
+            self.stop()
+
+    # fault injection (tests)
+
+    def fail_next_generation(self, message: str = "injected failure") -> None:
+        """Make the next generate/chat request fail inside generation (answered as HTTP 500)."""
+        self.faults.fail_message = message
+
+    def drop_next_stream(self, after_chunks: int = 1) -> None:
+        """Cut the connection of the next streamed generation after ``after_chunks`` chunks."""
+        self.faults.drop_after = after_chunks
+
+    # models
+
+    def log(self, line: str) -> None:
+        if self._log is not None:
+            with self._log_lock:
+                print(f"[ollama-loopback] {time.strftime('%Y/%m/%d %H:%M:%S')} {line}", file=self._log, flush=True)
+
+    def loaded_tags(self) -> list[str]:
+        """Tags whose model is in memory now."""
+        return [slot.tag for slot in self.slots.values() if slot.model is not None]
+
+    def slot(self, name: str, *, pull_hint: bool = True) -> ModelSlot:
+        slot = self.slots.get(normalize_tag(name))
+        if slot is None:
+            message = f"model {json.dumps(name)} not found, try pulling it first" if pull_hint \
+                else f"model '{name}' not found"
+            raise ApiError(404, message)
+        return slot
+
+    def _load(self, slot: ModelSlot, options: Mapping[str, Any]) -> float:
+        """Load the slot's model (or reload it when num_ctx/num_thread differ); seconds spent loading."""
+        n_ctx = int(options.get("num_ctx") or self.num_ctx)
+        n_threads = int(options.get("num_thread") or self.num_thread)
+        if slot.model is not None and (slot.n_ctx, slot.n_threads) == (n_ctx, n_threads):
+            return 0.0
+        self._unload(slot)
+        started = time.perf_counter()
+        slot.model = BackingModel(slot.path, n_ctx=n_ctx, n_threads=n_threads)
+        slot.n_ctx, slot.n_threads = n_ctx, n_threads
+        slot.expires_at = time.time() + self.keep_alive
+        self.log(f"loaded {slot.tag} from {slot.path} (n_ctx={n_ctx}, n_threads={n_threads})")
+        return time.perf_counter() - started
+
+    def _unload(self, slot: ModelSlot) -> None:
+        model, slot.model = slot.model, None
+        if model is not None:
+            with contextlib.suppress(Exception):
+                model.llm.close()
+            self.log(f"unloaded {slot.tag}")
+
+    def _settle(self, slot: ModelSlot, keep_alive: float) -> None:
+        """After a request: unload now (keep_alive 0) or keep the model until the keep_alive runs out."""
+        if keep_alive <= 0:
+            self._unload(slot)
+        else:
+            slot.expires_at = time.time() + keep_alive
+
+    def _reap(self) -> None:
+        while not self._stopping.wait(0.25):
+            now = time.time()
+            for slot in self.slots.values():
+                if slot.model is not None and slot.expires_at <= now and slot.lock.acquire(blocking=False):
+                    try:
+                        if slot.model is not None and slot.expires_at <= time.time():
+                            self._unload(slot)
+                    finally:
+                        slot.lock.release()
+
+    # endpoints
+
+    def api_root(self, handler: _Handler, _body: bytes, _reply: _Reply) -> None:
+        handler.send_text(200, "Ollama is running")
+
+    def api_version(self, _handler: _Handler, _body: bytes, reply: _Reply) -> None:
+        reply.json(200, {"version": VERSION})
+
+    def _listing(self, slot: ModelSlot) -> dict[str, Any]:
+        st = slot.path.stat()
+        return {"name": slot.tag, "model": slot.tag, "modified_at": _rfc3339(st.st_mtime, local=True),
+                "size": st.st_size, "digest": file_digest(slot.path), "details": slot.details()}
+
+    def api_tags(self, _handler: _Handler, _body: bytes, reply: _Reply) -> None:
+        models = [self._listing(slot) for slot in self.slots.values() if slot.path.is_file()]
+        models.sort(key=lambda m: m["modified_at"], reverse=True)
+        reply.json(200, {"models": models})
+
+    def api_ps(self, _handler: _Handler, _body: bytes, reply: _Reply) -> None:
+        models = []
+        for slot in self.slots.values():
+            if slot.model is None:
+                continue
+            models.append({"name": slot.tag, "model": slot.tag, "size": slot.memory_size(),
+                           "digest": file_digest(slot.path), "details": slot.details(),
+                           "expires_at": _rfc3339(slot.expires_at, local=True),
+                           "size_vram": 0, "context_length": slot.n_ctx})
+        models.sort(key=lambda m: m["expires_at"], reverse=True)
+        reply.json(200, {"models": models})
+
+    def api_show(self, _handler: _Handler, body: bytes, reply: _Reply) -> None:
+        request = _parse_request(body, "ShowRequest")
+        name = request.get("model") or request.get("name")
+        if not name:
+            raise ApiError(400, "model is required")
+        slot = self.slot(name, pull_hint=False)
+        if not slot.path.is_file():
+            raise ApiError(404, f"model '{name}' not found")
+        kv = slot.header["kv"]
+        template = str(kv.get("tokenizer.chat_template") or "")
+        parameters = f"{'num_ctx':<30} {self.num_ctx}"
+        modelfile = (f'# Modelfile generated by "ollama show"\n# To build a new Modelfile based on this, replace FROM '
+                     f"with:\n# FROM {slot.tag}\n\nFROM {slot.path}\n")
+        if template:
+            modelfile += f'TEMPLATE """{template}"""\n'
+        modelfile += f"PARAMETER num_ctx {self.num_ctx}\n"
+        if request.get("system"):
+            modelfile += f'SYSTEM """{request["system"]}"""\n'
+        reply.json(200, {
+            "modelfile": modelfile,
+            "parameters": parameters,
+            "template": template,
+            "details": slot.details(),
+            "model_info": slot.model_info(),
+            "capabilities": ["completion"],
+            "modified_at": _rfc3339(slot.path.stat().st_mtime, local=True),
+        })
+
+    def api_pull(self, _handler: _Handler, body: bytes, reply: _Reply) -> None:
+        request = _parse_request(body, "PullRequest")
+        name = request.get("model") or request.get("name")
+        if not name:
+            raise ApiError(400, "invalid model name")
+        reply.stream = request.get("stream", True)
+        slot = self.slots.get(normalize_tag(name))
+        if slot is None or not slot.path.is_file():
+            if reply.stream:
+                reply.line({"status": "pulling manifest"})
+            reply.error(500, "pull model manifest: file does not exist")
+            return
+        if not reply.stream:
+            file_digest(slot.path)
+            reply.json(200, {"status": "success"})
+            return
+        reply.line({"status": "pulling manifest"})
+        digest, size = file_digest(slot.path), slot.path.stat().st_size
+        reply.line({"status": f"pulling {digest[:12]}", "digest": f"sha256:{digest}", "total": size,
+                    "completed": size})
+        for status in ("verifying sha256 digest", "writing manifest", "success"):
+            reply.line({"status": status})
+        reply.end()
+
+    def api_generate(self, handler: _Handler, body: bytes, reply: _Reply) -> None:
+        started = time.perf_counter()
+        request = _parse_request(body, "GenerateRequest")
+        name = request.get("model")
+        if not name:
+            raise ApiError(400, "model is required")
+        slot = self.slot(name)
+        options = _check_options(request.get("options") or {})
+        keep_alive = parse_keep_alive(request.get("keep_alive"), self.keep_alive)
+        prompt = request.get("prompt", "")
+        raw = request.get("raw", False)
+        if raw and (request.get("template") or request.get("system") or request.get("context")):
+            raise ApiError(400, "raw mode does not support template, system, or context")
+        self._check_unsupported(name, request)
+        with slot.lock:
+            if not prompt and request.get("keep_alive") is not None and keep_alive == 0:
+                self._unload(slot)
+                reply.json(200, {"model": name, "created_at": _now_utc(), "response": "", "done": True,
+                                 "done_reason": "unload"})
+                return
+            load_s = self._load(slot, options)
+            if not prompt:
+                self._settle(slot, keep_alive)
+                reply.json(200, {"model": name, "created_at": _now_utc(), "response": "", "done": True,
+                                 "done_reason": "load"})
+                return
+            model = slot.model
+            assert model is not None
+            text = prompt
+            if not raw:
+                messages = [{"role": "system", "content": request["system"]}] if request.get("system") else []
+                text = model.chat_prompt([*messages, {"role": "user", "content": prompt}])
+                if request.get("context"):
+                    previous = model.llm.detokenize(request["context"]).decode("utf-8", errors="replace")
+                    text = previous + text
+            reply.stream = request.get("stream", True)
+
+            def chunk(piece: str) -> dict[str, Any]:
+                return {"model": name, "created_at": _now_utc(), "response": piece, "done": False}
+
+            def final(response: str, metrics: dict[str, Any]) -> dict[str, Any]:
+                body = {"model": name, "created_at": _now_utc(), "response": response, "done": True, **metrics}
+                if not raw:
+                    tokens = model.llm.tokenize((text + response).encode("utf-8"), add_bos=True, special=True)
+                    body["context"] = list(tokens)
+                return body
+
+            try:
+                self._complete(handler, slot, text, options, reply, chunk, final, started, load_s)
+            finally:
+                self._settle(slot, keep_alive)
+
+    def api_chat(self, handler: _Handler, body: bytes, reply: _Reply) -> None:
+        started = time.perf_counter()
+        request = _parse_request(body, "ChatRequest")
+        name = request.get("model")
+        if not name:
+            raise ApiError(400, "model is required")
+        slot = self.slot(name)
+        options = _check_options(request.get("options") or {})
+        keep_alive = parse_keep_alive(request.get("keep_alive"), self.keep_alive)
+        messages = []
+        for i, message in enumerate(request.get("messages") or []):
+            if not isinstance(message, dict) or not isinstance(message.get("role", ""), str) \
+                    or not isinstance(message.get("content") or "", str):
+                raise ApiError(400, f"json: cannot unmarshal messages[{i}] into Go struct field ChatRequest.messages "
+                                    "of type api.Message")
+            if message.get("images"):
+                raise ApiError(400, "this model is missing data required for image input")
+            messages.append({"role": message.get("role") or "user", "content": message.get("content") or ""})
+        if request.get("tools"):
+            raise ApiError(400, f"{json.dumps(name)} does not support tools")
+        self._check_unsupported(name, request)
+        with slot.lock:
+            if not messages and request.get("keep_alive") is not None and keep_alive == 0:
+                self._unload(slot)
+                reply.json(200, {"model": name, "created_at": _now_utc(), "message": {"role": "assistant",
+                                 "content": ""}, "done": True, "done_reason": "unload"})
+                return
+            load_s = self._load(slot, options)
+            if not messages:
+                self._settle(slot, keep_alive)
+                reply.json(200, {"model": name, "created_at": _now_utc(), "message": {"role": "assistant",
+                                 "content": ""}, "done": True, "done_reason": "load"})
+                return
+            model = slot.model
+            assert model is not None
+            text = model.chat_prompt(messages)
+            reply.stream = request.get("stream", True)
+
+            def chunk(piece: str) -> dict[str, Any]:
+                return {"model": name, "created_at": _now_utc(), "message": {"role": "assistant", "content": piece},
+                        "done": False}
+
+            def final(response: str, metrics: dict[str, Any]) -> dict[str, Any]:
+                return {"model": name, "created_at": _now_utc(), "message": {"role": "assistant", "content": response},
+                        "done": True, **metrics}
+
+            try:
+                self._complete(handler, slot, text, options, reply, chunk, final, started, load_s)
+            finally:
+                self._settle(slot, keep_alive)
+
+    @staticmethod
+    def _check_unsupported(name: str, request: Mapping[str, Any]) -> None:
+        if request.get("think") is True or isinstance(request.get("think"), str):
+            raise ApiError(400, f"{json.dumps(name)} does not support thinking")
+        if request.get("suffix"):
+            raise ApiError(400, f"{json.dumps(name)} does not support insert")
+        if request.get("images"):
+            raise ApiError(400, "this model is missing data required for image input")
+        if request.get("template"):
+            raise ApiError(400, "template overrides (Go templates) are not supported by the llmlab loopback server")
+        if request.get("format"):
+            raise ApiError(400, "format (structured outputs) is not supported by the llmlab loopback server")
+
+    def _complete(self, handler: _Handler, slot: ModelSlot, text: str, options: Mapping[str, Any], reply: _Reply,
+                  chunk: Callable[[str], dict[str, Any]], final: Callable[[str, dict[str, Any]], dict[str, Any]],
+                  started: float, load_s: float) -> None:
+        """Generate from ``text`` and answer: chunks then a final object (stream), or one object."""
+        model = slot.model
+        assert model is not None
+        prompt_tokens = len(model.llm.tokenize(text.encode("utf-8"), add_bos=True, special=True))
+        if prompt_tokens >= slot.n_ctx:
+            raise ApiError(400, f"input length ({prompt_tokens} tokens) exceeds the context length "
+                                f"({slot.n_ctx} tokens); raise num_ctx")
+        num_predict = int(options.get("num_predict", -1))
+        fail, self.faults.fail_message = self.faults.fail_message, None
+        drop_after, self.faults.drop_after = (self.faults.drop_after, None) if reply.stream else (None, None)
+        _perf_reset(model)
+        completion = model.complete(text, max_tokens=num_predict if num_predict > 0 else -1,
+                                    stop=options.get("stop") or None,
+                                    temperature=float(options.get("temperature", DEFAULT_TEMPERATURE)),
+                                    seed=options.get("seed"))
+        pieces: list[str] = []
+        try:
+            for piece in completion.pieces:
+                if fail is not None:
+                    raise RuntimeError(fail)
+                pieces.append(piece)
+                if reply.stream:
+                    reply.line(chunk(piece))
+                    if drop_after is not None and reply.chunks >= drop_after:
+                        handler.cut_connection()
+                        return
+            if fail is not None:
+                raise RuntimeError(fail)
+        except (BrokenPipeError, ConnectionResetError):
+            handler.close_connection = True  # the client went away; stop generating
+            return
+        except Exception as exc:
+            reply.error(500, str(exc) or type(exc).__name__)
+            return
+        finally:
+            completion.pieces.close()  # type: ignore[attr-defined] - a generator: releases the model's lock
+        metrics = self._metrics(model, completion, started, load_s, prompt_tokens)
+        if reply.stream:
+            reply.line(final("", metrics))
+            reply.end()
+        else:
+            reply.json(200, final("".join(pieces), metrics))
+
+    @staticmethod
+    def _metrics(model: BackingModel, completion: Any, started: float, load_s: float,
+                 prompt_tokens: int) -> dict[str, Any]:
+        """Ollama's final-chunk fields; counts and durations from llama.cpp's own counters (nanoseconds)."""
+        total_ns = int((time.perf_counter() - started) * 1e9)
+        first = completion.first_piece_s if completion.first_piece_s is not None else completion.total_s
+        prompt_count, prompt_ns = prompt_tokens, int(first * 1e9)
+        eval_count, eval_ns = completion.completion_tokens, int(max(0.0, completion.total_s - first) * 1e9)
+        perf = _perf_data(model)
+        if perf is not None and perf.t_p_eval_ms > 0:
+            prompt_count, prompt_ns = int(perf.n_p_eval), int(perf.t_p_eval_ms * 1e6)
+            decoded = int(perf.n_eval) if perf.t_eval_ms > 0 else 0  # llama.cpp reports at least 1
+            eval_count, eval_ns = decoded + 1, int(perf.t_eval_ms * 1e6)  # + the last sampled token
+        return {"done_reason": completion.done_reason, "total_duration": total_ns,
+                "load_duration": int(load_s * 1e9), "prompt_eval_count": prompt_count,
+                "prompt_eval_duration": prompt_ns, "eval_count": eval_count, "eval_duration": eval_ns}
+
+
+# --- entry points ------------------------------------------------------------------------------------------------
+
+
+def _physical_cores() -> int:
+    try:
+        import psutil
+
+        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    except ImportError:
+        return os.cpu_count() or 1
+
+
+def default_models() -> dict[str, Path]:
+    """The embedded SmolLM2-135M-Instruct as ``smollm2:135m`` and, when its GGUF is available, ``gemma3:270m``."""
+    from llmlab_fixtures.embedded import GEMMA3_270M, SMOLLM2, embedded_gguf
+    from llmlab_fixtures.errors import ModelUnavailable
+
+    models = {"smollm2:135m": embedded_gguf(SMOLLM2)}
+    with contextlib.suppress(ModelUnavailable):
+        models["gemma3:270m"] = embedded_gguf(GEMMA3_270M)
+    return models
+
+
+@contextlib.contextmanager
+def running_ollama_server(models: Mapping[str, str | Path] | None = None, **kwargs: Any) -> Iterator[str]:
+    """Serve ``models`` (default: :func:`default_models`) on a free loopback port; yields the base URL."""
+    with OllamaServer(models, **kwargs) as server:
+        yield server.url
+
+
+def _model_arg(text: str) -> tuple[str, Path]:
+    tag, sep, path = text.partition("=")
+    if not sep or not tag or not path:
+        raise argparse.ArgumentTypeError(f"--model wants TAG=PATH, got {text!r}")
+    if not Path(path).expanduser().is_file():
+        raise argparse.ArgumentTypeError(f"--model {tag}: no file at {path}")
+    return tag, Path(path).expanduser()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m llmlab_fixtures.testing.ollama_server``: serve until Ctrl-C."""
+    parser = argparse.ArgumentParser(prog="python -m llmlab_fixtures.testing.ollama_server",
+                                     description="An Ollama-compatible server on 127.0.0.1 backed by llama-cpp-python.")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port on 127.0.0.1 (default 11434; 0 = free)")
+    parser.add_argument("--model", type=_model_arg, action="append", default=[], metavar="TAG=PATH",
+                        help="serve a GGUF under an Ollama tag (repeatable; default: smollm2:135m and gemma3:270m)")
+    parser.add_argument("--keep-alive", default=None, help='how long models stay loaded, e.g. "5m", "30s", "-1"')
+    parser.add_argument("--num-ctx", type=int, default=DEFAULT_NUM_CTX, help="default context length (4096)")
+    parser.add_argument("--quiet", action="store_true", help="do not log requests")
+    args = parser.parse_args(argv)
+    try:
+        keep_alive = parse_keep_alive(args.keep_alive, DEFAULT_KEEP_ALIVE_S) if args.keep_alive else None
+        models = dict(args.model) if args.model else default_models()
+        server = OllamaServer(models, port=args.port, keep_alive=keep_alive, num_ctx=args.num_ctx,
+                              log=None if args.quiet else sys.stderr)
+        server.start()
+    except Exception as exc:  # a busy port, a missing model package, a bad --keep-alive: one line
+        message = exc.message if isinstance(exc, ApiError) else str(exc)
+        print(f"error: cannot start the loopback Ollama server: {message}", file=sys.stderr)
+        return 1
+    print(f"Listening on {server.url} (llmlab loopback Ollama {VERSION}); models: {', '.join(server.slots)}",
+          file=sys.stderr, flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
