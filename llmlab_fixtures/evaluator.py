@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, TypeVar
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Protocol, TypeVar
 
 from llmlab_fixtures.errors import ConfigError
 from llmlab_fixtures.metrics import (
@@ -29,7 +32,12 @@ from llmlab_fixtures.prompts import (
     letter_request,
     loglikelihood_requests,
 )
-from llmlab_fixtures.providers.base import GenerationRequest, LoglikelihoodUnsupported, Provider
+from llmlab_fixtures.providers.base import (
+    GenerationRequest,
+    LoglikelihoodRequest,
+    LoglikelihoodUnsupported,
+    Provider,
+)
 from llmlab_fixtures.records import ItemRecord, TaskRun
 from llmlab_fixtures.tasks.definitions import TaskDefinition
 
@@ -38,12 +46,12 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-def _score_loglik(task: TaskDefinition, provider: Provider, doc: Doc, exemplars: list[Doc], record: ItemRecord) -> None:
+def _score_loglik(task: TaskDefinition, provider: Provider, doc: Doc, requests: list[LoglikelihoodRequest],
+                  record: ItemRecord) -> None:
     choices = task.choices(doc)
     gold = task.target(doc)
     labels = task.labels(doc)
     record.gold = gold
-    requests = loglikelihood_requests(task, doc, exemplars)
     started = time.perf_counter()
     results = provider.loglikelihood(requests)  # all choices at once: the backend shares the context
     record.latency_s = time.perf_counter() - started
@@ -70,26 +78,23 @@ def _score_loglik(task: TaskDefinition, provider: Provider, doc: Doc, exemplars:
         record.correct = record.prediction == gold
 
 
-def _score_letter(
-    task: TaskDefinition, provider: Provider, doc: Doc, exemplars: list[Doc], record: ItemRecord, seed: int
-) -> None:
+def _score_letter(task: TaskDefinition, provider: Provider, doc: Doc, request: GenerationRequest, order: list[int],
+                  record: ItemRecord) -> None:
     choices = task.option_texts(doc)
     gold = task.target(doc)
     record.gold = gold
-    order = choice_order(task, len(choices), record.item_id, seed)
-    reply = _generate(provider, letter_request(task, doc, exemplars, order), record)
+    reply = _generate(provider, request, record)
     position = parse_choice_letter(reply, len(choices))
     record.prediction = None if position is None else order[position]  # index in the original choice order
     record.metrics["acc"] = 1.0 if record.prediction == gold else 0.0
     record.correct = record.prediction == gold
 
 
-def _score_generation(
-    task: TaskDefinition, provider: Provider, doc: Doc, exemplars: list[Doc], record: ItemRecord
-) -> None:
+def _score_generation(task: TaskDefinition, provider: Provider, doc: Doc, request: GenerationRequest,
+                      record: ItemRecord) -> None:
     target = task.target(doc)
     record.gold = normalize_answer(target, task.exact_match)
-    response = _generate(provider, generation_request(task, doc, exemplars), record)
+    response = _generate(provider, request, record)
     filters = {f.name: f for f in task.filters}
     extracted: dict[str, str] = {}
     for spec in task.metrics:  # all exact_match (checked when the task is loaded)
@@ -114,17 +119,62 @@ def _generate(provider: Provider, request: GenerationRequest, record: ItemRecord
     return record.response
 
 
+@dataclass
+class ItemPrompt:
+    """Everything sent to the model for one item, built before any model call (and hashed for checkpoints)."""
+
+    mode: str
+    loglik: list[LoglikelihoodRequest] | None = None
+    generation: GenerationRequest | None = None
+    order: list[int] | None = None  # letter scoring: display order of the choices
+
+    def digest(self, task: TaskDefinition) -> str:
+        """sha256 of the task definition, the scoring method and the exact requests."""
+        payload = {"task": repr(replace(task, source=None)), "mode": self.mode, "order": self.order,
+                   "loglik": [asdict(r) for r in self.loglik or ()],
+                   "generation": asdict(self.generation) if self.generation else None}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def item_prompt(task: TaskDefinition, mode: str, doc: Doc, exemplars: list[Doc], item_id: str, seed: int,
+                ) -> ItemPrompt:
+    """The requests one item needs under ``mode``."""
+    if mode == "loglik":
+        return ItemPrompt(mode, loglik=loglikelihood_requests(task, doc, exemplars))
+    if task.is_multiple_choice:
+        order = choice_order(task, len(task.option_texts(doc)), item_id, seed)
+        return ItemPrompt(mode, generation=letter_request(task, doc, exemplars, order), order=order)
+    return ItemPrompt(mode, generation=generation_request(task, doc, exemplars))
+
+
+class ItemCache(Protocol):
+    """Finished items kept across runs (see checkpoint.py); keyed by item id and prompt digest."""
+
+    def lookup(self, item_id: str, digest: str) -> ItemRecord | None: ...
+
+    def save(self, record: ItemRecord, digest: str) -> None: ...
+
+
 def _score_item(task: TaskDefinition, provider: Provider, mode: str, doc: Doc, exemplars: list[Doc],
-                record: ItemRecord, *, seed: int) -> ItemRecord:
-    """Score one item into ``record``; a provider failure becomes the item's ``error`` instead of a wrong answer."""
+                record: ItemRecord, *, seed: int, cache: ItemCache | None = None) -> ItemRecord:
+    """Score one item into ``record``; a provider failure becomes the item's ``error`` instead of a wrong answer.
+
+    With a ``cache``, an item finished by an earlier run with the same prompt is returned as it was.
+    """
     item_started = time.perf_counter()
+    digest = None
     try:
-        if mode == "loglik":
-            _score_loglik(task, provider, doc, exemplars, record)
-        elif task.is_multiple_choice:
-            _score_letter(task, provider, doc, exemplars, record, seed)
+        prompt = item_prompt(task, mode, doc, exemplars, record.item_id, seed)
+        if cache is not None:
+            digest = prompt.digest(task)
+            if (saved := cache.lookup(record.item_id, digest)) is not None:
+                return saved
+        if prompt.loglik is not None:
+            _score_loglik(task, provider, doc, prompt.loglik, record)
+        elif prompt.order is not None:
+            _score_letter(task, provider, doc, prompt.generation, prompt.order, record)
         else:
-            _score_generation(task, provider, doc, exemplars, record)
+            _score_generation(task, provider, doc, prompt.generation, record)
     except LoglikelihoodUnsupported as exc:
         raise ConfigError(f"{exc}; use --scoring generate") from exc
     except Exception as exc:  # provider failure (or an unscorable doc): record it, go on
@@ -133,6 +183,9 @@ def _score_item(task: TaskDefinition, provider: Provider, mode: str, doc: Doc, e
         record.metrics = {}
         if not record.latency_s:
             record.latency_s = time.perf_counter() - item_started
+        return record  # errors are not checkpointed: a resumed run tries the item again
+    if cache is not None and digest is not None:
+        cache.save(record, digest)
     return record
 
 
@@ -167,12 +220,13 @@ def evaluate(
     fixed_fewshot: bool = False,
     on_item: Callable[[ItemRecord], None] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    cache: ItemCache | None = None,
 ) -> TaskRun:
     """Score ``docs`` (prepared by ``datasets.load_docs``) with ``provider`` and aggregate the metrics.
 
     ``scoring`` picks how multiple-choice items are scored ("loglik" or "generate"); generation tasks
     always generate. ``num_fewshot`` None means the task's default. A provider exception on one item
-    is recorded in that item's ``error`` and the run goes on.
+    is recorded in that item's ``error`` and the run goes on. ``cache`` resumes finished items.
     """
     reason = task.unsupported_reason(scoring)
     if reason:
@@ -201,7 +255,7 @@ def evaluate(
             yield doc, sampler.exemplars(doc), record  # exemplars drawn for every item, in order, as lm-eval does
 
     def score(job: tuple[Doc, list[Doc], ItemRecord]) -> ItemRecord:
-        return _score_item(task, provider, mode, *job, seed=seed)
+        return _score_item(task, provider, mode, *job, seed=seed, cache=cache)
 
     items: list[ItemRecord] = []
     total = len(docs)

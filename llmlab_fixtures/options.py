@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from llmlab_fixtures.availability import UnavailableModel
+from llmlab_fixtures.checkpoint import DEFAULT_CHECKPOINT
 from llmlab_fixtures.errors import ConfigError
 from llmlab_fixtures.registry import load_models
 from llmlab_fixtures.specs import SPEC_SYNTAX, ModelSpec, parse_specs
@@ -58,6 +59,12 @@ def add_options(parser: pytest.Parser) -> None:
                     help="cloud APIs: retries on 429/5xx/timeouts with exponential backoff (default 4)")
     group.addoption("--concurrency", default="4",
                     help="cloud APIs: requests in flight per model (default 4)")
+    group.addoption("--checkpoint", default=str(DEFAULT_CHECKPOINT),
+                    help=f"SQLite file where every finished item is committed; rerunning the same command resumes "
+                         f"(default {DEFAULT_CHECKPOINT})")
+    group.addoption("--no-checkpoint", action="store_true", help="neither read nor write item checkpoints")
+    group.addoption("--fresh", action="store_true",
+                    help="start over: forget the checkpointed items of the models and datasets this run scores")
     group.addoption("--quantization", default=None,
                     help="NOT YET HONOURED: choose a model's GGUF by quantization (e.g. Q4_K_M); accepted and "
                          "reported, the embedded models have one file each")
@@ -88,6 +95,8 @@ class RunConfig:
     max_retries: int = 4
     concurrency: int = 4
     dropped_models: tuple[str, ...] = ()
+    checkpoint: Path | None = DEFAULT_CHECKPOINT  # None: --no-checkpoint
+    fresh: bool = False
     unavailable: tuple[UnavailableModel, ...] = ()  # requested, checked, and not runnable here
     notices: tuple[str, ...] = field(default_factory=tuple)
 
@@ -113,6 +122,8 @@ class RunConfig:
             "request_timeout": self.request_timeout,
             "max_retries": self.max_retries,
             "concurrency": self.concurrency,
+            "checkpoint": str(self.checkpoint) if self.checkpoint else None,
+            "fresh": self.fresh,
             "dropped_models": list(self.dropped_models),
             "unavailable_models": {u.label: u.reason for u in self.unavailable},
             "notices": list(self.notices),
@@ -214,6 +225,8 @@ def build_run_config(option: Any, output_dir: Path | None = None) -> RunConfig:
         request_timeout=_float_option("--request-timeout", option.request_timeout, minimum=0.1),
         max_retries=_int_option("--max-retries", option.max_retries, minimum=0) or 0,
         concurrency=_int_option("--concurrency", option.concurrency, minimum=1) or 1,
+        checkpoint=None if option.no_checkpoint else Path(option.checkpoint).expanduser().absolute(),
+        fresh=bool(option.fresh),
         dropped_models=dropped,
         notices=tuple(notices),
     )

@@ -42,6 +42,8 @@ def _is_worker(config: pytest.Config) -> bool:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    if SESSION in config.stash:
+        config.stash[SESSION].close()
     if GUARD in config.stash:
         config.stash[GUARD].uninstall()
 

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llmlab_fixtures.checkpoint import CheckpointStore, TaskCheckpoint, model_fingerprint
 from llmlab_fixtures.datasets import load_docs
 from llmlab_fixtures.evaluator import evaluate
 from llmlab_fixtures.options import RunConfig
@@ -58,6 +59,7 @@ class LoadedModel:
     spec: ModelSpec
     provider: Provider
     load: dict[str, Any] = field(default_factory=dict)
+    fingerprint: str | None = None  # checkpoint key of the weights and numerics (computed on first use)
 
 
 def load_model(spec: ModelSpec, config: RunConfig) -> LoadedModel:
@@ -79,6 +81,23 @@ class BenchSession:
         self.scoring = run_scoring(config)
         self._progress = progress
         self._last_progress = 0.0
+        self._store: CheckpointStore | None = None
+
+    def _checkpoint(self, task_name: str, model: LoadedModel) -> TaskCheckpoint | None:
+        """The item cache for one (model, dataset), or None under --no-checkpoint."""
+        if self.config.checkpoint is None:
+            return None
+        if self._store is None:
+            self._store = CheckpointStore(self.config.checkpoint)
+        if model.fingerprint is None:
+            model.fingerprint = model_fingerprint(self._store, asdict(model.provider.get_model_info()))
+        return TaskCheckpoint(self._store, model.fingerprint, task_name, model=model.spec.label,
+                              backend=model.provider.backend, fresh=self.config.fresh)
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+            self._store = None
 
     def _report_progress(self, label: str, done: int, total: int, started: float) -> None:
         now = time.perf_counter()
@@ -105,18 +124,20 @@ class BenchSession:
             else None
         label = model.spec.label
         relative = part_path(Path("."), worker_id(), label, task.name)
+        checkpoint = self._checkpoint(task.name, model)
         writer = ItemWriter(config.output_dir / relative)
         started = time.perf_counter()
         try:
             run = evaluate(
                 task, model.provider, docs, model_name=label, fewshot_docs=fewshot_docs, scoring=self.scoring,
                 num_fewshot=config.num_fewshot, seed=config.seed, fixed_fewshot=config.fixed_fewshot,
-                on_item=writer.write,
+                on_item=writer.write, cache=checkpoint,
                 progress=lambda done, total: self._report_progress(f"{label} {task.name}", done, total, started),
             )
         finally:
             writer.close()
+        resumed = checkpoint.resumed if checkpoint else 0
         info = asdict(model.provider.get_model_info())
         return summarize(run, data_location=info.get("data_location", "in-process"), model_info=info,
                          load=model.load, primary_metric=task.primary_metric_for(run.scoring),
-                         items_file=str(relative))
+                         items_file=str(relative), n_resumed=resumed)

@@ -63,6 +63,7 @@ class TaskSummary:
     model_info: dict[str, Any] = field(default_factory=dict)
     load: dict[str, Any] = field(default_factory=dict)  # which worker/process loaded the model, and how long it took
     items_file: str | None = None
+    n_resumed: int = 0  # items taken from the checkpoint of an earlier, interrupted run
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -79,7 +80,7 @@ class TaskSummary:
 
 
 def summarize(run: TaskRun, *, data_location: str, model_info: dict[str, Any], load: dict[str, Any],
-              primary_metric: str | None = None, items_file: str | None = None) -> TaskSummary:
+              primary_metric: str | None = None, items_file: str | None = None, n_resumed: int = 0) -> TaskSummary:
     """Aggregate a TaskRun's items into a TaskSummary."""
     scored = [i for i in run.items if i.error is None]
     latencies = [i.latency_s for i in scored]
@@ -99,7 +100,8 @@ def summarize(run: TaskRun, *, data_location: str, model_info: dict[str, Any], l
         n_errors=len(run.items) - len(scored),
         metrics={m.name: {"value": m.value, "stderr": m.stderr} for m in run.metrics},
         wall_s=run.wall_s,
-        items_per_s=len(scored) / run.wall_s if run.wall_s > 0 else None,
+        # items taken from a checkpoint cost no model time: only the items computed now make the rate
+        items_per_s=(len(scored) - n_resumed) / run.wall_s if run.wall_s > 0 and len(scored) > n_resumed else None,
         tokens_per_s=(prompt + completion) / run.wall_s if run.wall_s > 0 else None,
         evaluated_tokens_per_s=(evaluated + completion) / busy if busy > 0 else None,
         latency_p50_s=percentile(latencies, 50),
@@ -114,6 +116,7 @@ def summarize(run: TaskRun, *, data_location: str, model_info: dict[str, Any], l
         model_info=model_info,
         load=load,
         items_file=items_file,
+        n_resumed=n_resumed,
     )
 
 

@@ -48,6 +48,7 @@ def comparison_table(summaries: Sequence[TaskSummary], markdown: bool = False) -
                 continue
             metric = s.metrics.get(metric_name or "", {"value": None, "stderr": None})
             errors = f", {s.n_errors} errors" if s.n_errors else ""
+            errors += f", {s.n_resumed} resumed" if s.n_resumed else ""
             cells.append(f"{_fmt(metric['value'])} ± {_fmt(metric['stderr'])} ({_fmt(s.items_per_s, 1)} it/s{errors})")
         rows.append(cells)
     locations = {s.model: s.data_location for s in summaries}

@@ -59,7 +59,7 @@ def test_k_selects_one_dataset(bench_pytester: pytest.Pytester, data_dir: Path) 
 def test_xdist_gives_identical_results_and_loads_each_model_once(bench_pytester: pytest.Pytester,
                                                                    data_dir: Path) -> None:
     common = ["-k", "arc_challenge or truthfulqa_mc2", "--models=local:smollm2-135m,local:gemma3-270m",
-              "--limit=3", f"--data-dir={data_dir}", "-p", "no:cacheprovider"]
+              "--limit=3", f"--data-dir={data_dir}", "-p", "no:cacheprovider", "--no-checkpoint"]
     serial = bench_pytester.runpytest_subprocess(*common, f"--output-dir={bench_pytester.path / 'serial'}")
     serial.assert_outcomes(passed=4, deselected=10)
     parallel = bench_pytester.runpytest_subprocess(*common, "-n", "2",
