@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--gpu-layers", default=None)
     parser.add_argument("--quantization", default=None)
+    parser.add_argument("--checkpoint", default=None, metavar="FILE",
+                        help="item checkpoint file; the same command resumes (default .llmlab/checkpoint.sqlite)")
+    parser.add_argument("--fresh", action="store_true", help="start over instead of resuming")
     parser.add_argument("--html", default=None, metavar="FILE", help="also write a pytest-html report")
     parser.add_argument("--include-cost-analysis", action="store_true",
                         help="accepted for compatibility; the cost analysis is not part of this version yet")
@@ -73,13 +76,15 @@ def pytest_args(args: argparse.Namespace) -> list[str]:
                         ("--export-format", args.export_format), ("--num-fewshot", args.num_fewshot),
                         ("--scoring", args.scoring), ("--seed", args.seed), ("--threads", args.threads),
                         ("--gpu-layers", args.gpu_layers), ("--quantization", args.quantization),
-                        ("--html", args.html)):
+                        ("--html", args.html), ("--checkpoint", args.checkpoint)):
         if value is not None:
             out.append(f"{flag}={value}")
     if args.local_only:
         out.append("--local-only")
     if args.use_local:
         out.append("--use-local")
+    if args.fresh:
+        out.append("--fresh")
     if args.html:
         out.append("--self-contained-html")
     if args.parallel:

@@ -23,6 +23,15 @@ def test_old_command_line_runs_truthfulness(tmp_path: Path, data_dir: Path) -> N
     assert "2 passed" in done.stdout
     assert "--include-cost-analysis is accepted" in done.stderr
     assert sorted(p.name for p in out.iterdir()) == ["items.jsonl", "summary.md"]
+    again = _run("--model", "smollm2-135m", "--dataset", "truthfulness", "--limit", "3", "--data-dir", str(data_dir),
+                 "--output-dir", str(tmp_path / "again"), "--export-format", "json", cwd=tmp_path)
+    assert again.returncode == 0, again.stdout[-3000:]
+    summaries = json.loads((tmp_path / "again" / "results.json").read_text())["summary"]
+    assert [s["n_resumed"] for s in summaries] == [3, 3]  # the same command resumes from .llmlab/checkpoint.sqlite
+    fresh = _run("--model", "smollm2-135m", "--dataset", "truthfulness", "--limit", "3", "--data-dir", str(data_dir),
+                 "--output-dir", str(tmp_path / "fresh"), "--export-format", "json", "--fresh", cwd=tmp_path)
+    assert fresh.returncode == 0
+    assert [s["n_resumed"] for s in json.loads((tmp_path / "fresh" / "results.json").read_text())["summary"]] == [0, 0]
     datasets = {json.loads(line)["dataset"] for line in (out / "items.jsonl").read_text().splitlines()}
     assert datasets == {"truthfulqa_mc1", "truthfulqa_mc2"}
     assert "| dataset (metric) | llama-cpp:smollm2-135m |" in (out / "summary.md").read_text()
