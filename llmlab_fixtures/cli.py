@@ -1,4 +1,5 @@
-"""The ``llmlab`` command: ``llmlab models`` lists every registered model and whether it can run here."""
+"""The ``llmlab`` command: ``llmlab models`` lists every registered model and whether it can run here, and the
+models pulled into Ollama."""
 
 from __future__ import annotations
 
@@ -63,6 +64,23 @@ def list_models(model_dirs: tuple[Path, ...] = ()) -> list[str]:
     return text_grid(header, [[r[h] for h in header] for r in rows], markdown=False, rule=False)
 
 
+def list_ollama_models(host: str | None = None) -> list[str]:
+    """Models pulled into the Ollama server at ``host`` (default $OLLAMA_HOST), or one line saying it is not running."""
+    from llmlab_fixtures.providers.ollama import list_pulled_models, resolve_host
+
+    try:
+        pulled = list_pulled_models(host)
+    except LlmlabError as exc:
+        return [f"Ollama: {exc}"]
+    url = resolve_host(host)
+    if not pulled:
+        return [f"Ollama at {url}: no models pulled (ollama pull <tag>)"]
+    rows = [[f"ollama:{m['name']}", m.get("parameter_size") or "-", m.get("quantization_level") or "-",
+             _size(m.get("size")), m.get("family") or "-"] for m in pulled]
+    return [f"Ollama at {url}:", *text_grid(["spec", "params", "quant", "size", "family"], rows, markdown=False,
+                                             rule=False)]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llmlab", description="llmlab: benchmark local and cloud language models")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -72,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "models":
             print("\n".join(list_models(tuple(args.model_dir))))
+            print()
+            print("\n".join(list_ollama_models()))
     except LlmlabError as exc:
         print(f"llmlab: {exc}", file=sys.stderr)
         return 2
