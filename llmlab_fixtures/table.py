@@ -39,7 +39,8 @@ def comparison_table(summaries: Sequence[TaskSummary], markdown: bool = False) -
     by_key = {(s.model, s.dataset): s for s in summaries}
     rows = []
     for dataset in datasets:
-        metric_name = primary_metric(next(s for s in summaries if s.dataset == dataset))
+        scored = [s for s in summaries if s.dataset == dataset]
+        metric_name = primary_metric(next((s for s in scored if s.metrics), scored[0]))
         cells = [f"{dataset} ({metric_name or '-'})"]
         for model in models:
             s = by_key.get((model, dataset))
