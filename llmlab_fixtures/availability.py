@@ -6,8 +6,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from llmlab_fixtures.errors import CredentialsMissing, LlmlabError
-from llmlab_fixtures.providers import BackendSettings, check_available
+from llmlab_fixtures.errors import CredentialsMissing, LlmlabError, ModelUnavailable
+from llmlab_fixtures.providers import BackendSettings, check_available, create_provider
 from llmlab_fixtures.specs import ModelSpec
 
 
@@ -31,6 +31,35 @@ class UnavailableModel:
         return f"skipped {self.label}: {self.reason}"
 
 
+IN_PROCESS_BACKENDS = ("llama-cpp", "transformers")
+
+
+def format_bytes(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def memory_limit(settings: BackendSettings) -> tuple[int, str]:
+    """The bytes a model may take, and where that figure comes from (--max-memory, else available RAM)."""
+    if settings.max_memory is not None:
+        return settings.max_memory, "--max-memory"
+    import psutil
+
+    return int(psutil.virtual_memory().available), "available memory"
+
+
+def check_memory(spec: ModelSpec, settings: BackendSettings) -> None:
+    """An in-process model whose estimated footprint exceeds the limit is refused before it can exhaust the machine."""
+    if spec.backend not in IN_PROCESS_BACKENDS:
+        return
+    needed = create_provider(spec, settings).estimate_memory()
+    limit, source = memory_limit(settings)
+    if needed > limit:
+        raise ModelUnavailable(
+            f"model {spec.label} needs about {format_bytes(needed)} but {source} is {format_bytes(limit)}; "
+            "choose a smaller model or quantization, free memory, or raise --max-memory"
+        )
+
+
 def split_available(specs: Sequence[ModelSpec], settings: BackendSettings,
                     ) -> tuple[list[ModelSpec], list[UnavailableModel]]:
     """Check every model (cheaply: files, keys, servers); never loads weights."""
@@ -39,6 +68,7 @@ def split_available(specs: Sequence[ModelSpec], settings: BackendSettings,
     for spec in specs:
         try:
             check_available(spec, settings)
+            check_memory(spec, settings)
         except CredentialsMissing as exc:
             unavailable.append(UnavailableModel(spec.label, str(exc), missing_key=True))
         except LlmlabError as exc:

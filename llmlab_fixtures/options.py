@@ -59,6 +59,9 @@ def add_options(parser: pytest.Parser) -> None:
                     help="cloud APIs: retries on 429/5xx/timeouts with exponential backoff (default 4)")
     group.addoption("--concurrency", default="4",
                     help="cloud APIs: requests in flight per model (default 4)")
+    group.addoption("--max-memory", default=None,
+                    help="refuse in-process models estimated to need more than this (e.g. 8GB, 512MiB); "
+                         "default: the memory available when the run starts")
     group.addoption("--checkpoint", default=str(DEFAULT_CHECKPOINT),
                     help=f"SQLite file where every finished item is committed; rerunning the same command resumes "
                          f"(default {DEFAULT_CHECKPOINT})")
@@ -95,6 +98,7 @@ class RunConfig:
     max_retries: int = 4
     concurrency: int = 4
     dropped_models: tuple[str, ...] = ()
+    max_memory: int | None = None
     checkpoint: Path | None = DEFAULT_CHECKPOINT  # None: --no-checkpoint
     fresh: bool = False
     unavailable: tuple[UnavailableModel, ...] = ()  # requested, checked, and not runnable here
@@ -122,6 +126,7 @@ class RunConfig:
             "request_timeout": self.request_timeout,
             "max_retries": self.max_retries,
             "concurrency": self.concurrency,
+            "max_memory": self.max_memory,
             "checkpoint": str(self.checkpoint) if self.checkpoint else None,
             "fresh": self.fresh,
             "dropped_models": list(self.dropped_models),
@@ -150,6 +155,26 @@ def _float_option(name: str, value: Any, *, minimum: float) -> float:
     if number < minimum:
         raise ConfigError(f"{name} must be at least {minimum:g}, got {number:g}")
     return number
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
+               "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40, "tib": 2**40}
+
+
+def parse_size(name: str, value: Any) -> int | None:
+    """``8GB``, ``512MiB``, ``1.5g`` or bytes; sizes are binary (1 GB = 2**30 bytes), as memory is counted."""
+    if value is None or str(value).strip() == "":
+        return None
+    text = str(value).strip().lower().replace(" ", "")
+    number = text.rstrip("kmgtib")
+    unit = text[len(number):]
+    try:
+        size = float(number) * _SIZE_UNITS[unit]
+    except (ValueError, KeyError):
+        raise ConfigError(f"{name} must be a size such as 8GB or 512MiB, got {value!r}") from None
+    if size <= 0:
+        raise ConfigError(f"{name} must be positive, got {value!r}")
+    return int(size)
 
 
 def _batch_size_option(value: Any) -> int | None:
@@ -225,6 +250,7 @@ def build_run_config(option: Any, output_dir: Path | None = None) -> RunConfig:
         request_timeout=_float_option("--request-timeout", option.request_timeout, minimum=0.1),
         max_retries=_int_option("--max-retries", option.max_retries, minimum=0) or 0,
         concurrency=_int_option("--concurrency", option.concurrency, minimum=1) or 1,
+        max_memory=parse_size("--max-memory", option.max_memory),
         checkpoint=None if option.no_checkpoint else Path(option.checkpoint).expanduser().absolute(),
         fresh=bool(option.fresh),
         dropped_models=dropped,

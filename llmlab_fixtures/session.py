@@ -42,7 +42,7 @@ def backend_settings(config: RunConfig, threads: int | None = None) -> BackendSe
     return BackendSettings(threads=threads, gpu_layers=config.gpu_layers, seed=config.seed,
                            model_dirs=config.model_dirs, device=config.device, batch_size=config.batch_size,
                            request_timeout=config.request_timeout, max_retries=config.max_retries,
-                           concurrency=config.concurrency)
+                           concurrency=config.concurrency, max_memory=config.max_memory)
 
 
 def run_scoring(config: RunConfig) -> str:

@@ -92,6 +92,12 @@ def test_xdist_gives_identical_results_and_loads_each_model_once(bench_pytester:
         (["--export-format=xlsx"], "ERROR: --export-format: unknown format xlsx; choose among csv, json, markdown"),
         (["--limit=-3"], "ERROR: --limit must be at least 1, got -3"),
         (["--scoring=vibes"], "ERROR: --scoring must be one of auto, loglik, generate, got 'vibes'"),
+        (["--max-memory=lots"], "ERROR: --max-memory must be a size such as 8GB or 512MiB, got 'lots'"),
+        (["--max-memory=64MB"], "ERROR: model llama-cpp:smollm2-135m needs about 524 MiB but --max-memory is 64 MiB; "
+                                "choose a smaller model or quantization, free memory, or raise --max-memory"),
+        (["--device=tpu"], "ERROR: --device must be auto, cpu, cuda, cuda:N or mps, got 'tpu'"),
+        (["--batch-size=0"], "ERROR: --batch-size must be a whole number >= 1 or auto, got '0'"),
+        (["--request-timeout=soon"], "ERROR: --request-timeout must be a number of seconds, got 'soon'"),
     ],
 )
 def test_bad_input_is_one_clear_line(bench_pytester: pytest.Pytester, args: list[str], message: str) -> None:

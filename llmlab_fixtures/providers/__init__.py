@@ -59,6 +59,7 @@ class BackendSettings:
     request_timeout: float = 60.0  # seconds per HTTP request (Ollama, cloud)
     max_retries: int = 4  # cloud: retries on 429/5xx/timeouts, with exponential backoff
     concurrency: int = 4  # cloud: requests in flight per model
+    max_memory: int | None = None  # bytes an in-process model may take; None = the RAM available now
 
 
 def _backend_module(spec: ModelSpec) -> ModuleType:
