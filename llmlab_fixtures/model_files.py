@@ -46,7 +46,8 @@ def ways_to_get(entry: ModelEntry) -> list[str]:
     return ways
 
 
-def resolve_gguf(entry: ModelEntry | None, target: str, extra_dirs: tuple[Path, ...] = ()) -> Path:
+def resolve_gguf(entry: ModelEntry | None, target: str, extra_dirs: tuple[Path, ...] = (),
+                 backend: str = "llama-cpp") -> Path:
     """The GGUF file for an alias or a path; ModelUnavailable with the ways to get it otherwise."""
     if entry is None:
         path = Path(target).expanduser()
@@ -54,7 +55,7 @@ def resolve_gguf(entry: ModelEntry | None, target: str, extra_dirs: tuple[Path, 
             for directory in model_dirs(extra_dirs):
                 if (directory / target).is_file():
                     return directory / target
-            raise ModelUnavailable(f"GGUF file {target} does not exist; check the path after llama-cpp:")
+            raise ModelUnavailable(f"GGUF file {target} does not exist; check the path after {backend}:")
         return path
     gguf = entry.gguf
     if not gguf:

@@ -26,6 +26,7 @@ from llmlab_fixtures.providers.cloud import (
     jsonable,
     malformed_failure,
     require_key,
+    sdk_connection_failure,
     short_reason,
     status_failure,
     transport_failure,
@@ -86,11 +87,8 @@ class AnthropicProvider(CloudProvider):
     def _classify(self, exc: BaseException) -> ApiFailure | None:
         import anthropic
 
-        if isinstance(exc, anthropic.APITimeoutError):
-            return ApiFailure("timeout", f"no answer within {self.timeout:g}s")
-        if isinstance(exc, anthropic.APIConnectionError):
-            cause = exc.__cause__ or exc.__context__
-            return ApiFailure("connection", short_reason(type(cause).__name__ if cause else "", cause or exc.message))
+        if (failure := sdk_connection_failure(anthropic, exc, self.timeout)) is not None:
+            return failure
         if isinstance(exc, anthropic.APIStatusError):
             kind, reason = _error_parts(exc.body, exc.message)
             status = exc.status_code

@@ -467,6 +467,16 @@ class CloudProvider(Provider):
                                 request_id=failure.request_id)
 
 
+def sdk_connection_failure(sdk: ModuleType, exc: BaseException, timeout: float) -> ApiFailure | None:
+    """A timeout or a dropped connection as the openai and anthropic SDKs raise them (one client generator)."""
+    if isinstance(exc, sdk.APITimeoutError):  # a subclass of APIConnectionError: test it first
+        return ApiFailure("timeout", f"no answer within {timeout:g}s")
+    if isinstance(exc, sdk.APIConnectionError):
+        cause = exc.__cause__ or exc.__context__
+        return ApiFailure("connection", short_reason(type(cause).__name__ if cause else "", cause or exc.message))
+    return None
+
+
 def status_failure(status: int, reason: str, *, headers: Mapping[str, str] | None = None,
                    request_id: str | None = None, auth: bool = False) -> ApiFailure:
     """An HTTP error status as an ApiFailure (401/403, or ``auth``: the key was rejected)."""

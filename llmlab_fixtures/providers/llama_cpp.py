@@ -24,6 +24,7 @@ from llmlab_fixtures.providers.base import (
     ModelInfo,
     Provider,
 )
+from llmlab_fixtures.providers.tokens import find_stop, split_context
 
 _SEQ = 0  # the single sequence id this provider uses
 _DEFAULT_MAX_CTX = 8192
@@ -342,16 +343,8 @@ class LlamaCppProvider(Provider):
     # --- scoring -----------------------------------------------------------------------------
 
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        """lm-evaluation-harness 0.4.x: trailing context whitespace moves onto the continuation."""
-        n_spaces = len(context) - len(context.rstrip())
-        if n_spaces:
-            continuation = context[-n_spaces:] + continuation
-            context = context[:-n_spaces]
-        if not context:
-            return [self._prefix_token], self.tokenize(continuation, add_bos=False)
-        whole = self.tokenize(context + continuation)
-        ctx = self.tokenize(context)
-        return ctx, whole[len(ctx) :]
+        """Context and continuation token ids, split as lm-evaluation-harness 0.4.x splits them."""
+        return split_context(context, continuation, self.tokenize, self._prefix_token)
 
     def loglikelihood(self, requests: Sequence[LoglikelihoodRequest]) -> list[LoglikelihoodResult]:
         """Sum of continuation log-probs per request; shared token prefixes are evaluated once.
@@ -421,7 +414,7 @@ class LlamaCppProvider(Provider):
             n_gen += 1
             scan_from = max(0, len(text) - longest + 1)
             text += decoder.decode(self.token_bytes(token))
-            cut = self._find_stop(text, stops, scan_from)
+            cut = find_stop(text, stops, scan_from)
             if cut is not None:
                 text, reason = text[:cut], "stop"
                 break
@@ -441,11 +434,6 @@ class LlamaCppProvider(Provider):
             evaluated_tokens=len(prompt) - keep,
             extra={"stop_reason": reason, "reused_prompt_tokens": keep},
         )
-
-    @staticmethod
-    def _find_stop(text: str, stops: Sequence[str], scan_from: int) -> int | None:
-        hits = [i for s in stops if (i := text.find(s, scan_from)) >= 0]
-        return min(hits) if hits else None
 
     # --- info --------------------------------------------------------------------------------
 

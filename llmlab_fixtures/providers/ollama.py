@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 from llmlab_fixtures.errors import LlmlabError, ModelUnavailable
+from llmlab_fixtures.metrics import cut_at_stop
 from llmlab_fixtures.network import data_location
 from llmlab_fixtures.providers.base import GenerationRequest, GenerationResult, ModelInfo, Provider
 
@@ -176,11 +177,6 @@ def make_provider(spec: Any, settings: Any) -> OllamaProvider:
         seed=settings.seed,
         request_timeout=settings.request_timeout,
     )
-
-
-def _cut_at_stop(text: str, stops: Sequence[str]) -> str:
-    hits = [i for s in stops if s and (i := text.find(s)) >= 0]
-    return text[: min(hits)] if hits else text
 
 
 class OllamaProvider(Provider):
@@ -352,7 +348,7 @@ class OllamaProvider(Provider):
         extra["done_reason"] = final.done_reason
         prompt_tokens = int(final.prompt_eval_count or 0)
         return GenerationResult(
-            text=_cut_at_stop("".join(pieces), request.stop),
+            text=cut_at_stop("".join(pieces), request.stop),
             prompt_tokens=prompt_tokens,
             completion_tokens=int(final.eval_count or 0),
             ttft_s=ttft,

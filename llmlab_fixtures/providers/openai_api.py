@@ -37,6 +37,7 @@ from llmlab_fixtures.providers.cloud import (
     malformed_failure,
     optional_key,
     require_key,
+    sdk_connection_failure,
     short_reason,
     status_failure,
     transport_failure,
@@ -143,11 +144,8 @@ class _OpenAIBase(CloudProvider):
     def _classify(self, exc: BaseException) -> ApiFailure | None:
         import openai
 
-        if isinstance(exc, openai.APITimeoutError):
-            return ApiFailure("timeout", f"no answer within {self.timeout:g}s")
-        if isinstance(exc, openai.APIConnectionError):
-            cause = exc.__cause__ or exc.__context__
-            return ApiFailure("connection", short_reason(type(cause).__name__ if cause else "", cause or exc.message))
+        if (failure := sdk_connection_failure(openai, exc, self.timeout)) is not None:
+            return failure
         if isinstance(exc, openai.APIStatusError):
             return status_failure(exc.status_code, _error_reason(exc.body, exc.message),
                                   headers=exc.response.headers, request_id=exc.request_id)

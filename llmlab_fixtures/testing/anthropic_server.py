@@ -25,13 +25,11 @@ from typing import Any
 from llmlab_fixtures.testing.backing_model import BackingModel
 from llmlab_fixtures.testing.loopback import (
     Fault,
-    FaultQueue,
     Generation,
     LoopbackHandler,
     LoopbackServer,
-    load_backing,
     new_id,
-    serve,
+    serve_api,
     start_generation,
 )
 
@@ -221,5 +219,4 @@ def running_anthropic_server(model_path: Path | None = None, *, api_key: str | N
 
     ``api_key``: the only key accepted (None: any non-empty key). ``backing``: share an already loaded model.
     """
-    model = backing or load_backing(model_path, n_ctx)
-    yield from serve(AnthropicHandler, lambda url: LoopbackServer(url, FaultQueue(), model, api_key))
+    yield from serve_api(AnthropicHandler, model_path=model_path, api_key=api_key, backing=backing, n_ctx=n_ctx)

@@ -26,9 +26,8 @@ from llmlab_fixtures.testing.loopback import (
     Generation,
     LoopbackHandler,
     LoopbackServer,
-    load_backing,
     new_id,
-    serve,
+    serve_api,
     start_generation,
 )
 
@@ -198,5 +197,4 @@ def running_google_server(model_path: Path | None = None, *, api_key: str | None
 
     ``api_key``: the only key accepted (None: any non-empty key). ``backing``: share an already loaded model.
     """
-    model = backing or load_backing(model_path, n_ctx)
-    yield from serve(GoogleHandler, lambda url: LoopbackServer(url, FaultQueue(), model, api_key))
+    yield from serve_api(GoogleHandler, model_path=model_path, api_key=api_key, backing=backing, n_ctx=n_ctx)

@@ -305,3 +305,10 @@ def load_backing(model_path: Path | None, n_ctx: int = 2048, threads: int = 1) -
 
 def new_id(prefix: str) -> str:
     return f"{prefix}{uuid.uuid4().hex[:24]}"
+
+
+def serve_api(handler: type[LoopbackHandler], *, model_path: Path | None, api_key: str | None,
+              backing: BackingModel | None, n_ctx: int) -> Iterator[LoopbackServer]:
+    """Serve ``handler`` on a free loopback port with a backing model (shared, or loaded from ``model_path``)."""
+    model = backing or load_backing(model_path, n_ctx)
+    yield from serve(handler, lambda url: LoopbackServer(url, FaultQueue(), model, api_key))

@@ -1,0 +1,29 @@
+"""Token-level rules every in-process backend shares, so their scores agree with each other and with lm-eval."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+Tokenize = Callable[..., list[int]]  # tokenize(text, add_bos=None | bool) -> ids
+
+
+def split_context(context: str, continuation: str, tokenize: Tokenize, prefix_token: int,
+                  ) -> tuple[list[int], list[int]]:
+    """lm-evaluation-harness 0.4.x: trailing context whitespace moves onto the continuation; the continuation's
+    tokens are those of ``context + continuation`` after the context's own tokens; an empty context scores the
+    continuation after ``prefix_token`` (BOS, else EOS)."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    if not context:
+        return [prefix_token], tokenize(continuation, add_bos=False)
+    whole = tokenize(context + continuation)
+    ctx = tokenize(context)
+    return ctx, whole[len(ctx):]
+
+
+def find_stop(text: str, stops: Sequence[str], scan_from: int = 0) -> int | None:
+    """Where the earliest stop string starts in ``text`` (searching from ``scan_from``), or None."""
+    hits = [i for s in stops if s and (i := text.find(s, scan_from)) >= 0]
+    return min(hits) if hits else None

@@ -1,0 +1,795 @@
+"""In-process Hugging Face transformers backend: batched log-likelihood and (batched) greedy generation.
+
+A model comes from the local Hugging Face cache (a repo snapshot), a local directory with safetensors and a
+tokenizer, or a GGUF file that transformers dequantises at load time (``gguf_file=``). Nothing is downloaded:
+every load uses ``local_files_only=True``.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import json
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llmlab_fixtures.errors import ConfigError, LlmlabError, ModelUnavailable
+from llmlab_fixtures.model_files import resolve_gguf
+from llmlab_fixtures.providers.base import (
+    GenerationRequest,
+    GenerationResult,
+    LoglikelihoodRequest,
+    LoglikelihoodResult,
+    ModelInfo,
+    Provider,
+)
+from llmlab_fixtures.providers.tokens import find_stop, split_context
+
+INSTALL_HINT = "pip install transformers gguf accelerate"
+AUTO_MAX_BATCH = 64  # rows per forward pass where auto batching starts (halved on out-of-memory)
+_TOKEN_BUDGET = {"cpu": 1024, "mps": 65_536, "cuda": 262_144}  # auto: rows x padded length per pass (CPU peaks near 1k)
+_LOGITS_BUDGET = 1 << 30  # auto: bytes of fp32 logits per forward pass (rows' continuation tokens x vocab)
+_DEFAULT_CONTEXT = 2048  # when neither the config nor the tokenizer names a context length (lm-eval's default)
+_MEMORY_CONTEXT = 4096  # tokens of KV cache counted by estimate_memory
+# end-of-turn tokens llama.cpp also treats as end of generation when the vocabulary has them as special tokens
+_EOG_TEXTS = ("<|endoftext|>", "<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end_of_text|>", "<|eom_id|>",
+              "<|end|>", "<eos>", "</s>")
+# GGUF architecture names that transformers' GGUF loader spells differently
+_GGUF_ARCH_NAMES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "t5encoder": "t5"}
+_WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+# --- where the model comes from ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What ``initialize()`` loads: a GGUF file, a Hugging Face cache snapshot, or a local directory."""
+
+    kind: str  # "gguf", "hf-cache" or "directory"
+    path: Path  # the .gguf file, or the directory holding config.json + weights + tokenizer
+    repo: str | None = None  # Hugging Face repo id, when known
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.kind == "gguf"
+
+
+def _require_packages(gguf: bool) -> None:
+    """ModelUnavailable naming the pip command when torch/transformers (and, for GGUF, gguf/accelerate) are missing."""
+    if importlib.util.find_spec("torch") is None:
+        raise ModelUnavailable(
+            "torch is not installed; install the build you want first (CPU: pip install torch --index-url "
+            f"https://download.pytorch.org/whl/cpu), then {INSTALL_HINT}"
+        )
+    needed = ("transformers", "gguf", "accelerate") if gguf else ("transformers",)
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ModelUnavailable(f"the transformers backend needs {', '.join(missing)}; run: {INSTALL_HINT}")
+
+
+def _has_weights(directory: Path) -> bool:
+    return any(next(directory.glob(pattern), None) is not None for pattern in _WEIGHT_GLOBS)
+
+
+def cached_snapshot(repo: str) -> Path | None:
+    """The local Hugging Face cache snapshot of ``repo`` holding config.json and weights, or None (no network)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    try:
+        found = try_to_load_from_cache(repo_id=repo, filename="config.json")
+    except Exception:  # malformed repo ids raise HFValidationError
+        return None
+    if not isinstance(found, str):
+        return None
+    snapshot = Path(found).parent
+    return snapshot if _has_weights(snapshot) else None
+
+
+def _transformers_ways(entry: Any) -> str:
+    from llmlab_fixtures.model_files import ways_to_get
+
+    ways = [way for way in ways_to_get(entry) if "ollama" not in way]
+    repo = (entry.transformers or {}).get("repo")
+    if repo and not any(f"download {repo}`" in way for way in ways):
+        ways.append(f"`huggingface-cli download {repo}`")
+    return "; or ".join(ways) if ways else "register a transformers repo or a GGUF for it in llmlab.toml"
+
+
+def _check_directory(path: Path) -> None:
+    if not (path / "config.json").is_file():
+        raise ModelUnavailable(f"{path} has no config.json; a transformers model directory needs config.json, "
+                               "*.safetensors weights and tokenizer files (or give a .gguf file)")
+    if not _has_weights(path):
+        raise ModelUnavailable(f"{path} has no *.safetensors (or pytorch_model*.bin) weights; "
+                               "copy the model's weight files next to config.json")
+    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        raise ModelUnavailable(f"{path} has no tokenizer files (tokenizer.json, tokenizer.model or vocab.json); "
+                               "copy them from the model's repository")
+
+
+def resolve_source(spec: Any, settings: Any) -> ModelSource:
+    """Where ``spec`` (a ModelSpec) loads from; ModelUnavailable with the way to get it otherwise.
+
+    An alias prefers its transformers repo when that is in the local Hugging Face cache, else its local GGUF.
+    """
+    target: str = spec.target
+    entry = spec.entry
+    if entry is not None:
+        repo = (entry.transformers or {}).get("repo")
+        if repo and (snapshot := cached_snapshot(repo)) is not None:
+            return ModelSource("hf-cache", snapshot, repo)
+        if entry.gguf:
+            try:
+                return ModelSource("gguf", resolve_gguf(entry, target, settings.model_dirs), repo)
+            except ModelUnavailable:
+                pass
+        raise ModelUnavailable(f"model {entry.alias!r} is not available locally for transformers; "
+                               f"get it with {_transformers_ways(entry)}")
+    if target.lower().endswith(".gguf"):
+        return ModelSource("gguf", resolve_gguf(None, target, settings.model_dirs, backend="transformers"))
+    path = Path(target).expanduser()
+    if path.is_dir():
+        _check_directory(path)
+        return ModelSource("directory", path)
+    if target.startswith((".", "/", "~")) or target.count("/") > 1:
+        raise ModelUnavailable(f"model directory {target} does not exist; check the path after transformers:")
+    snapshot = cached_snapshot(target)
+    if snapshot is None:
+        raise ModelUnavailable(f"{target} is not in the local Hugging Face cache; get it with "
+                               f"`huggingface-cli download {target}` (llmlab loads transformers models offline)")
+    return ModelSource("hf-cache", snapshot, target)
+
+
+def gguf_supported_architectures() -> set[str]:
+    """GGUF architectures this transformers can load (read from its GGUF tables, without importing torch)."""
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
+    return set(GGUF_CONFIG_MAPPING) - {"general", "tokenizer"}
+
+
+def check_gguf_architecture(path: Path) -> dict[str, Any]:
+    """The GGUF header of ``path``; ModelUnavailable if transformers has no loader for its architecture."""
+    from llmlab_fixtures.embedded import gguf_metadata
+
+    meta = gguf_metadata(path)
+    arch = str(meta.get("architecture") or "")
+    names = {arch, arch.replace("-", "_"), _GGUF_ARCH_NAMES.get(arch, arch)}
+    if names & gguf_supported_architectures():
+        return meta
+    try:  # architectures only the newer GGUF path knows (importing it imports torch)
+        from transformers.integrations.gguf import GGUF_ARCHS
+
+        if arch in GGUF_ARCHS:
+            return meta
+    except ImportError:
+        pass
+    import transformers
+
+    raise ModelUnavailable(f"transformers {transformers.__version__} cannot load GGUF architecture {arch!r} "
+                           f"({path.name}); run it with llama-cpp:{path} instead")
+
+
+# --- device and dtype ---------------------------------------------------------------------------------
+
+
+def resolve_device(requested: str | None) -> str:
+    """``auto`` → cuda, then mps, then cpu; explicit cpu/cuda/cuda:N/mps are checked against this torch."""
+    import torch
+
+    device = (requested or "auto").strip().lower()
+    mps = getattr(torch.backends, "mps", None)
+    mps_ok = bool(mps is not None and mps.is_available())
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if mps_ok else "cpu"
+    if device == "cpu":
+        return device
+    if device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise ModelUnavailable(f"--device {device} asks for CUDA, but torch {torch.__version__} sees no CUDA GPU; "
+                                   "install a CUDA build of torch (see README) or use --device cpu")
+        index = int(device[5:]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            raise ModelUnavailable(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                                   "use cuda:0 .. cuda:N-1")
+        return device
+    if device == "mps":
+        if not mps_ok:
+            raise ModelUnavailable("--device mps asks for Apple MPS, which this machine or torch build lacks; "
+                                   "use --device cpu")
+        return device
+    raise ConfigError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {requested!r}")
+
+
+def choose_dtype(device: str, architecture: str | None = None) -> Any:
+    """fp32 on CPU; bf16 on CUDA when supported, else fp16; fp16 on MPS (fp32 for Gemma, which overflows fp16)."""
+    import torch
+
+    overflows_fp16 = "gemma" in (architecture or "").lower()
+    if device.startswith("cuda"):
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32 if overflows_fp16 else torch.float16
+    if device == "mps":
+        return torch.float32 if overflows_fp16 else torch.float16
+    return torch.float32
+
+
+def _version_at_least(version: str, minimum: tuple[int, ...]) -> bool:
+    parts = []
+    for piece in version.split(".")[: len(minimum)]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts) >= minimum
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA/MPS/CPU allocation failures (the errors auto batching backs off from)."""
+    import torch
+
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(
+        marker in text for marker in ("out of memory", "can't allocate memory", "cannot allocate memory")
+    )
+
+
+# --- the provider -------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Row:
+    """One log-likelihood request ready for the model: input tokens and the continuation tokens they predict."""
+
+    index: int  # position in the caller's request list
+    tokens: list[int]  # (context + continuation)[-(max_length + 1):][:-1]
+    targets: list[int]  # the continuation tokens the last len(targets) positions predict
+    context_tokens: int
+    continuation_tokens: int
+
+
+class _GenerationWatch:
+    """A StoppingCriteria: timestamps the first new token, stops rows at EOG, a stop string or their own limit."""
+
+    def __init__(self, tokenizer: Any, prompt_len: int, requests: Sequence[GenerationRequest],
+                 eog_ids: set[int]) -> None:
+        self.tokenizer = tokenizer
+        self.prompt_len = prompt_len
+        self.stops = [[s for s in req.stop if s] for req in requests]
+        self.limits = [req.max_new_tokens for req in requests]
+        self.eog_ids = eog_ids
+        n = len(requests)
+        self.first_token_at: float | None = None
+        self.done = [False] * n
+        self.n_tokens = [0] * n  # completion tokens counted for each finished row
+        self.reason = ["length"] * n
+        self.text: list[str | None] = [None] * n
+        self._scanned = [0] * n  # characters already searched for stop strings
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        n_new = input_ids.shape[1] - self.prompt_len
+        for row in range(input_ids.shape[0]):
+            if not self.done[row]:
+                self._check_row(row, input_ids[row, self.prompt_len :].tolist(), n_new)
+        return torch.tensor(self.done, dtype=torch.bool, device=input_ids.device)
+
+    def _check_row(self, row: int, new: list[int], n_new: int) -> None:
+        if new[-1] in self.eog_ids:
+            self._finish(row, n_new - 1, "eos", self.decode(new[:-1]))
+            return
+        stops = self.stops[row]
+        if stops:
+            text = self.decode(new)
+            longest = max(len(s) for s in stops)
+            start = max(0, self._scanned[row] - longest - 3)  # the tail may change as UTF-8 bytes complete
+            cut = find_stop(text, stops, start)
+            self._scanned[row] = len(text)
+            if cut is not None:
+                self._finish(row, n_new, "stop", text[:cut])
+                return
+        if n_new >= self.limits[row]:
+            self._finish(row, n_new, "length", None)
+
+    def _finish(self, row: int, n_tokens: int, reason: str, text: str | None) -> None:
+        self.done[row] = True
+        self.n_tokens[row] = n_tokens
+        self.reason[row] = reason
+        self.text[row] = text
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(tokens), skip_special_tokens=True)
+
+
+class TransformersProvider(Provider):
+    """A causal LM loaded in this process with transformers; right-padded batched scoring, left-padded generation."""
+
+    backend = "transformers"
+    supports_loglikelihood = True
+
+    def __init__(
+        self,
+        source: ModelSource,
+        name: str,
+        *,
+        device: str = "auto",
+        batch_size: int | None = None,
+        threads: int | None = None,
+        seed: int = 1234,
+        max_length: int | None = None,
+    ) -> None:
+        self.source = source
+        self.name = name
+        self.requested_device = device
+        self.batch_size = batch_size  # None = auto
+        self.threads = threads
+        self.seed = seed  # decoding is greedy; kept for the record
+        self.requested_max_length = max_length
+        self.device: str | None = None
+        self.dtype: Any = None
+        self.max_length = 0
+        self.add_bos = False
+        self.bos_id: int | None = None
+        self.eos_id: int | None = None
+        self.pad_id = 0
+        self.eog_ids: set[int] = set()
+        self._auto_batch = AUTO_MAX_BATCH
+        self._model: Any = None
+        self._tokenizer: Any = None
+        self._meta: dict[str, Any] | None = None
+        self._mask_logits = False  # the model's forward takes a boolean logits_to_keep mask (gathered logits)
+
+    # --- lifecycle -------------------------------------------------------------------------------------
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """GGUF header fields for GGUF sources (read without loading), else config.json."""
+        if self._meta is None:
+            if self.source.is_gguf:
+                self._meta = check_gguf_architecture(self.source.path)
+            else:
+                self._meta = json.loads((self.source.path / "config.json").read_text())
+        return self._meta
+
+    def initialize(self) -> None:
+        """Load tokenizer and model on the chosen device in the chosen dtype; LlmlabError with a fix on failure.
+
+        ``threads`` sets torch's intra-op threads for the whole process (torch.set_num_threads).
+        """
+        if self._model is not None:
+            return
+        _require_packages(self.source.is_gguf)
+        import torch
+
+        arch = self.metadata.get("architecture") or self.metadata.get("model_type")
+        self.device = resolve_device(self.requested_device)
+        self.dtype = choose_dtype(self.device, arch)
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        self._guarded(self._load_model)
+
+    def load_tokenizer(self) -> None:
+        """Load only the tokenizer (token counts and checks without the weights); initialize() does this too."""
+        if self._tokenizer is None:
+            _require_packages(self.source.is_gguf)
+            self._guarded(self._load_tokenizer)
+
+    def _guarded(self, load: Any) -> None:
+        try:
+            load()
+        except LlmlabError:
+            self.close()
+            raise
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            self.close()
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelUnavailable(f"transformers could not load {self.source.path}: {first}") from exc
+
+    def _where(self) -> dict[str, Any]:
+        """from_pretrained's location arguments: the GGUF's directory and file name, or the model directory."""
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+        if self.source.is_gguf:
+            return {"pretrained_model_name_or_path": str(self.source.path.parent),
+                    "gguf_file": self.source.path.name, "local_files_only": True}
+        return {"pretrained_model_name_or_path": str(self.source.path), "local_files_only": True}
+
+    def _load_tokenizer(self) -> None:
+        from transformers import AutoTokenizer
+
+        self._tokenizer = AutoTokenizer.from_pretrained(**self._where())
+        self._setup_tokens()
+
+    def _load_model(self) -> None:
+        import transformers
+        from transformers import AutoModelForCausalLM
+
+        if self._tokenizer is None:
+            self._load_tokenizer()
+        dtype_key = "dtype" if _version_at_least(transformers.__version__, (4, 56)) else "torch_dtype"
+        placement = {} if self.device == "cpu" else {"device_map": {"": self.device}}  # straight onto the GPU
+        model = AutoModelForCausalLM.from_pretrained(**self._where(), **{dtype_key: self.dtype}, **placement)
+        self._model = model.to(self.device).eval()
+        module = sys.modules.get(type(self._model).__module__)
+        self._mask_logits = module is not None and hasattr(module, "slice_logits_to_keep")
+        self._setup_tokens()  # again: the model's config and generation config add end-of-generation ids
+        config = self._model.config
+        limit = next((getattr(config, k) for k in ("max_position_embeddings", "n_positions", "n_ctx")
+                      if isinstance(getattr(config, k, None), int)), None)
+        if limit is None:
+            model_max = getattr(self._tokenizer, "model_max_length", None)
+            limit = model_max if isinstance(model_max, int) and model_max < 10**7 else _DEFAULT_CONTEXT
+        self.max_length = self.requested_max_length or limit
+
+    def _setup_tokens(self) -> None:
+        tok = self._tokenizer
+        self.bos_id, self.eos_id = tok.bos_token_id, tok.eos_token_id
+        probe = "a"
+        with_special = tok.encode(probe, add_special_tokens=True)
+        without = tok.encode(probe, add_special_tokens=False)
+        self.add_bos = bool(self.bos_id is not None and len(with_special) > len(without)
+                            and with_special[0] == self.bos_id)
+        eog: set[int] = set()
+        model = self._model
+        configs = (model.config, getattr(model, "generation_config", None)) if model is not None else ()
+        for source in (*configs, tok):
+            value = getattr(source, "eos_token_id", None)
+            eog.update([value] if isinstance(value, int) else [v for v in value or () if isinstance(v, int)])
+        special = set(getattr(tok, "all_special_tokens", ()) or ()) | {
+            str(t) for t in (getattr(tok, "added_tokens_decoder", {}) or {}).values() if getattr(t, "special", False)
+        }
+        for text in _EOG_TEXTS:
+            if text in special:
+                token_id = tok.convert_tokens_to_ids(text)
+                if isinstance(token_id, int) and token_id >= 0:
+                    eog.add(token_id)
+        self.eog_ids = eog
+        pad = tok.pad_token_id
+        self.pad_id = pad if pad is not None else (self.eos_id if self.eos_id is not None else 0)
+
+    def close(self) -> None:
+        """Drop the model and tokenizer and give their memory back (CUDA cache included)."""
+        had_model = self._model is not None
+        self._model = None
+        self._tokenizer = None
+        gc.collect()
+        if had_model and self.device and self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
+
+    def _require(self) -> Any:
+        if self._model is None:
+            raise LlmlabError(f"model {self.name} is not loaded; call initialize() first")
+        return self._model
+
+    # --- tokens --------------------------------------------------------------------------------------
+
+    def tokenize(self, text: str, add_bos: bool | None = None) -> list[int]:
+        """The model tokenizer's ids for ``text`` (special-token text not parsed); BOS first when the model adds it."""
+        if self._tokenizer is None:
+            raise LlmlabError(f"model {self.name} is not loaded; call initialize() or load_tokenizer() first")
+        tokens = list(self._tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)) if text else []
+        if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
+            tokens.insert(0, self.bos_id)
+        return tokens
+
+    @property
+    def _prefix_token(self) -> int:
+        """lm-eval's prefix token for an empty context: BOS, else EOS."""
+        token = self.bos_id if self.bos_id is not None else self.eos_id
+        return int(token if token is not None else self.pad_id)
+
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """Context and continuation token ids, split as lm-evaluation-harness 0.4.x splits them."""
+        return split_context(context, continuation, self.tokenize, self._prefix_token)
+
+    # --- log-likelihood ------------------------------------------------------------------------------
+
+    def loglikelihood(self, requests: Sequence[LoglikelihoodRequest]) -> list[LoglikelihoodResult]:
+        """Sum of continuation log-probs per request, one right-padded forward pass per batch of rows.
+
+        Rows run longest first (an out-of-memory error shows on the first batch); results come back in the
+        order given. Each request is one row; requests sharing a context are not merged.
+        """
+        self._require()
+        results: list[LoglikelihoodResult | None] = [None] * len(requests)
+        rows: list[_Row] = []
+        for index, req in enumerate(requests):
+            ctx, cont = self.encode_pair(req.context, req.continuation)
+            seq = (ctx + cont)[-(self.max_length + 1) :]  # left-truncate like lm-eval
+            tokens = seq[:-1]
+            n_cont = min(len(cont), len(tokens))
+            if n_cont == 0:
+                results[index] = LoglikelihoodResult(0.0, True, len(ctx), len(cont), 0)
+                continue
+            rows.append(_Row(index, tokens, seq[len(seq) - n_cont :], len(ctx), len(cont)))
+        rows.sort(key=lambda r: (-len(r.tokens), r.tokens))
+        start = 0
+        while start < len(rows):
+            size = self._batch_rows(rows, start)
+            batch = rows[start : start + size]
+            try:
+                scored = self._score_batch(batch)
+            except Exception as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                self._release_memory()
+                if self.batch_size is not None:
+                    raise LlmlabError(f"{self.name} ran out of memory on {self.device} scoring {size} rows of "
+                                      f"{len(batch[0].tokens)} tokens; lower --batch-size or use --batch-size auto"
+                                      ) from exc
+                if size == 1:
+                    raise LlmlabError(f"{self.name} ran out of memory on {self.device} scoring one row of "
+                                      f"{len(batch[0].tokens)} tokens; use fewer few-shot examples, a smaller "
+                                      "model or another --device") from exc
+                self._auto_batch = max(1, size // 2)
+                continue
+            for row, result in zip(batch, scored):
+                results[row.index] = result
+            start += size
+        return [r for r in results if r is not None]
+
+    def _batch_rows(self, rows: Sequence[_Row], start: int) -> int:
+        """Rows in the next forward pass: --batch-size, or auto (the remembered size, within memory budgets)."""
+        if self.batch_size is not None:
+            return min(self.batch_size, len(rows) - start)
+        budget = _TOKEN_BUDGET.get((self.device or "cpu").split(":")[0], _TOKEN_BUDGET["cpu"])
+        max_rows = min(self._auto_batch, max(1, budget // len(rows[start].tokens)))
+        vocab_bytes = 4 * int(getattr(self._model.config, "vocab_size", 0) or len(self._tokenizer))
+        size, n_logits = 0, 0
+        while start + size < len(rows) and size < max_rows:
+            n_logits += len(rows[start + size].targets)
+            if size and n_logits * vocab_bytes > _LOGITS_BUDGET:
+                break
+            size += 1
+        return max(1, size)
+
+    def _score_batch(self, batch: Sequence[_Row]) -> list[LoglikelihoodResult]:
+        import torch
+
+        model = self._model
+        width = len(batch[0].tokens)  # rows are sorted longest first
+        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        keep = torch.zeros((len(batch), width), dtype=torch.bool)
+        for b, row in enumerate(batch):
+            n = len(row.tokens)
+            ids[b, :n] = torch.tensor(row.tokens, dtype=torch.long)
+            mask[b, :n] = 1
+            keep[b, n - len(row.targets) : n] = True  # positions whose logits predict the continuation
+        kwargs: dict[str, Any] = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device),
+                                  "use_cache": False}
+        if self._mask_logits:
+            kwargs["logits_to_keep"] = keep.to(self.device)
+        with torch.inference_mode():
+            logits = model(**kwargs).logits
+            picked = logits if self._mask_logits else logits[keep.to(logits.device)]  # [total targets, vocab]
+            del logits
+            results = []
+            offset = 0
+            for row in batch:
+                n = len(row.targets)
+                rows_logits = picked[offset : offset + n]
+                offset += n
+                targets = torch.tensor(row.targets, dtype=torch.long, device=rows_logits.device)
+                logprobs = torch.log_softmax(rows_logits.to(torch.float64), dim=-1)
+                logprob = float(logprobs.gather(1, targets[:, None]).sum())
+                greedy = bool((rows_logits.argmax(dim=-1) == targets).all())
+                results.append(LoglikelihoodResult(
+                    logprob=logprob,
+                    is_greedy=greedy,
+                    context_tokens=row.context_tokens,
+                    continuation_tokens=row.continuation_tokens,
+                    evaluated_tokens=len(row.tokens),
+                ))
+        return results
+
+    def _release_memory(self) -> None:
+        gc.collect()
+        if self.device and self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
+        elif self.device == "mps":
+            import torch
+
+            torch.mps.empty_cache()
+
+    # --- generation ----------------------------------------------------------------------------------
+
+    def generate(self, request: GenerationRequest) -> GenerationResult:
+        """Greedy decoding of one request (a batch of one)."""
+        return self.generate_batch([request])[0]
+
+    def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """Greedy decoding of several prompts in one left-padded batch; each stops at EOG, a stop string or its limit.
+
+        Time to first token and total time are the batch's (every row gets the same figures).
+        """
+        self._require()
+        active = [i for i, r in enumerate(requests) if r.max_new_tokens > 0]
+        generated = dict(zip(active, self._generate_rows([requests[i] for i in active]))) if active else {}
+        return [generated.get(i) or GenerationResult("", len(self.tokenize(r.prompt)), 0, None, 0.0,
+                                                     extra={"stop_reason": "length"})
+                for i, r in enumerate(requests)]
+
+    def _generate_rows(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        import torch
+        from transformers import GenerationConfig, StoppingCriteriaList
+
+        started = time.perf_counter()
+        max_new = max(1, min(max(r.max_new_tokens for r in requests), self.max_length - 1))
+        prompts = []
+        for req in requests:
+            tokens = self.tokenize(req.prompt) or [self._prefix_token]
+            prompts.append(tokens[-(self.max_length - max_new) :])
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for b, tokens in enumerate(prompts):
+            ids[b, width - len(tokens) :] = torch.tensor(tokens, dtype=torch.long)
+            mask[b, width - len(tokens) :] = 1
+        limited = [GenerationRequest(r.prompt, r.stop, min(r.max_new_tokens, max_new)) for r in requests]
+        watch = _GenerationWatch(self._tokenizer, width, limited, self.eog_ids)
+        config = GenerationConfig(do_sample=False, max_new_tokens=max_new, pad_token_id=self.pad_id,
+                                  eos_token_id=sorted(self.eog_ids) or None, bos_token_id=self.bos_id)
+        with torch.inference_mode():
+            output = self._model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                          generation_config=config, stopping_criteria=StoppingCriteriaList([watch]))
+        total = time.perf_counter() - started
+        ttft = None if watch.first_token_at is None else watch.first_token_at - started
+        results = []
+        for b, req in enumerate(limited):
+            new = output[b, width:].tolist()
+            if watch.done[b]:
+                n_tokens, reason, text = watch.n_tokens[b], watch.reason[b], watch.text[b]
+            else:  # the batch ended at max_new_tokens before this row's watch saw it finish
+                n_tokens, reason, text = min(len(new), req.max_new_tokens), "length", None
+            if text is None:
+                text = watch.decode(new[:n_tokens])
+            results.append(GenerationResult(
+                text=text,
+                prompt_tokens=len(prompts[b]),
+                completion_tokens=n_tokens,
+                ttft_s=ttft,
+                total_s=total,
+                evaluated_tokens=len(prompts[b]),
+                extra={"stop_reason": reason, "batch_rows": len(requests)},
+            ))
+        return results
+
+    # --- info ----------------------------------------------------------------------------------------
+
+    def _quantization(self) -> str | None:
+        if self.source.is_gguf:
+            quant = self.metadata.get("quantization")
+            return f"dequantised from {quant}" if quant else "dequantised GGUF"
+        if self.dtype is not None:
+            return str(self.dtype).removeprefix("torch.")
+        return self.metadata.get("torch_dtype") or self.metadata.get("dtype")
+
+    def _file_size(self) -> int | None:
+        if self.source.is_gguf:
+            return int(self.metadata.get("file_size") or self.source.path.stat().st_size)
+        files = [p for pattern in _WEIGHT_GLOBS for p in self.source.path.glob(pattern)]
+        return sum(p.stat().st_size for p in files) or None
+
+    def get_model_info(self) -> ModelInfo:
+        """What is known about the model: from the loaded model once initialised, else from file headers."""
+        meta = self.metadata
+        model = self._model
+        config = model.config if model is not None else None
+        if self.source.is_gguf:
+            arch = meta.get("architecture")
+            context = meta.get("context_length")
+            params = meta.get("parameters")
+            add_bos = meta.get("add_bos_token")
+        else:
+            arch = meta.get("model_type")
+            context = meta.get("max_position_embeddings") or meta.get("n_positions")
+            params = None
+            add_bos = None
+        if self._tokenizer is not None:
+            add_bos = self.add_bos
+        if model is not None:
+            params = sum(p.numel() for p in model.parameters())
+            arch = arch or getattr(config, "model_type", None)
+        extra: dict[str, Any] = {
+            "device": self.device or self.requested_device,
+            "dtype": str(self.dtype).removeprefix("torch.") if self.dtype is not None else None,
+            "source": self.source.kind,
+            "repo": self.source.repo,
+            "batch_size": self.batch_size if self.batch_size is not None else "auto",
+            "auto_batch_max_rows": self._auto_batch if self.batch_size is None else None,
+            "max_length": self.max_length or None,
+            "model_class": type(model).__name__ if model is not None else None,
+            "threads": self.threads,
+            "seed": self.seed,
+        }
+        if model is not None:
+            import torch
+            import transformers
+
+            extra["transformers"] = transformers.__version__
+            extra["torch"] = torch.__version__
+        return ModelInfo(
+            name=self.name,
+            backend=self.backend,
+            path=str(self.source.path),
+            architecture=arch,
+            parameters=int(params) if params else None,
+            quantization=self._quantization(),
+            context_length=int(context) if context else None,
+            file_size=self._file_size(),
+            add_bos_token=add_bos,
+            data_location="in-process",
+            extra=extra,
+        )
+
+    def estimate_memory(self) -> int:
+        """Weights in the chosen dtype + a KV cache of up to 4k tokens + one auto batch of logits + overhead."""
+        meta = self.metadata
+        bytes_per = self.dtype.itemsize if self.dtype is not None else 4
+        if self._model is not None:
+            n_params = sum(p.numel() for p in self._model.parameters())
+        elif self.source.is_gguf:
+            n_params = int(meta.get("parameters") or 0)
+        else:
+            source_bytes = 2 if str(meta.get("torch_dtype") or meta.get("dtype")) in ("bfloat16", "float16") else 4
+            n_params = (self._file_size() or 0) // source_bytes
+        if self.source.is_gguf:
+            n_layer = int(meta.get("block_count") or 0)
+            heads_kv = meta.get("head_count_kv") or 0
+            kv_heads = max(heads_kv) if isinstance(heads_kv, list) else int(heads_kv)
+            head_dim = int(meta.get("key_length") or 0)
+            context = int(meta.get("context_length") or _DEFAULT_CONTEXT)
+            vocab = int(meta.get("vocab_size") or 0)
+        else:
+            n_layer = int(meta.get("num_hidden_layers") or meta.get("n_layer") or 0)
+            heads = int(meta.get("num_attention_heads") or meta.get("n_head") or 1)
+            kv_heads = int(meta.get("num_key_value_heads") or heads)
+            head_dim = int(meta.get("head_dim") or (int(meta.get("hidden_size") or 0) // heads))
+            context = int(meta.get("max_position_embeddings") or meta.get("n_positions") or _DEFAULT_CONTEXT)
+            vocab = int(meta.get("vocab_size") or 0)
+        kv = 2 * n_layer * kv_heads * head_dim * min(context, _MEMORY_CONTEXT) * bytes_per
+        logits = min(_LOGITS_BUDGET, 4 * vocab * 512)
+        return int(n_params * bytes_per + kv + logits + (128 << 20))
+
+
+# --- dispatch-table entry points ----------------------------------------------------------------------
+
+
+def check_spec(spec: Any, settings: Any) -> None:
+    """``spec`` can run with transformers here (packages, files, architecture, device); never loads weights."""
+    _require_packages(gguf=False)
+    source = resolve_source(spec, settings)
+    if source.is_gguf:
+        _require_packages(gguf=True)
+        check_gguf_architecture(source.path)
+    resolve_device(settings.device)
+
+
+def make_provider(spec: Any, settings: Any) -> TransformersProvider:
+    """An uninitialised TransformersProvider for ``spec`` (a ModelSpec) with the run's BackendSettings."""
+    return TransformersProvider(
+        resolve_source(spec, settings),
+        spec.label,
+        device=settings.device,
+        batch_size=settings.batch_size,
+        threads=settings.threads,
+        seed=settings.seed,
+    )
