@@ -30,6 +30,32 @@ def mean_stderr(values: Sequence[float]) -> float | None:
     return math.sqrt(variance) / math.sqrt(n)
 
 
+Z_95 = 1.959963984540054  # two-sided 95% normal quantile
+
+
+def wilson_interval(successes: int, n: int, z: float = Z_95) -> tuple[float, float] | None:
+    """Wilson score interval for a proportion ``successes / n``; None for n == 0.
+
+    Unlike the normal approximation (p ± z·se) it stays inside [0, 1] and is not empty at 0 or n successes.
+    """
+    if n <= 0:
+        return None
+    p = successes / n
+    denominator = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
+    low = 0.0 if successes == 0 else max(0.0, centre - half)  # exact at the ends: rounding would leave 1e-17
+    high = 1.0 if successes == n else min(1.0, centre + half)
+    return low, high
+
+
+def binary_interval(values: Sequence[float]) -> tuple[float, float] | None:
+    """The Wilson 95% interval of a metric whose per-item values are all 0 or 1 (accuracy), else None."""
+    if not values or any(v not in (0.0, 1.0) for v in values):
+        return None
+    return wilson_interval(int(sum(values)), len(values))
+
+
 def pooled_stderr(stderrs: Sequence[float], sizes: Sequence[int]) -> float | None:
     """lm-eval's ``pooled_sample_stderr`` for a size-weighted group mean; None when undefined."""
     dof = sum(sizes) - len(sizes)
@@ -213,11 +239,11 @@ def aggregate(task: TaskDefinition, items: Sequence[ItemRecord], scoring: str | 
         if not values:
             continue
         if not groups:
-            results.append(MetricValue(name, mean(values), mean_stderr(values)))
+            results.append(MetricValue(name, mean(values), mean_stderr(values), binary_interval(values)))
             continue
         per_group = [(m, sizes[g][name]) for g, ms in groups.items() for m in ms if m.name == name]
         stderr = pooled_stderr([m.stderr or 0.0 for m, _ in per_group], [n for _, n in per_group])
-        results.append(MetricValue(name, mean(values), stderr))
+        results.append(MetricValue(name, mean(values), stderr, binary_interval(values)))
     if groups:
         label = task.group_name or task.group_field
         for name in names:

@@ -44,6 +44,7 @@ class MetricValue:
     name: str
     value: float
     stderr: float | None
+    ci95: tuple[float, float] | None = None  # Wilson score interval, for metrics that are 0 or 1 per item
 
 
 @dataclass

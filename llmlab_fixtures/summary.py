@@ -11,7 +11,8 @@ from typing import Any
 from llmlab_fixtures.records import TaskRun
 
 SUMMARY_COLUMNS = (
-    "model", "backend", "dataset", "metric", "value", "stderr", "n_items", "n_errors", "scoring", "num_fewshot",
+    "model", "backend", "dataset", "metric", "value", "stderr", "ci95_low", "ci95_high", "n_items", "n_errors",
+    "scoring", "num_fewshot",
     "prompt_version", "wall_s", "items_per_s", "tokens_per_s", "evaluated_tokens_per_s", "latency_p50_s",
     "latency_p95_s", "ttft_p50_s", "prompt_tokens", "completion_tokens", "evaluated_tokens", "peak_rss_mb",
     "data_location",
@@ -46,7 +47,7 @@ class TaskSummary:
     prompt_version: str
     n_items: int
     n_errors: int
-    metrics: dict[str, dict[str, float | None]]  # name -> {"value", "stderr"}
+    metrics: dict[str, dict[str, float | None]]  # name -> {"value", "stderr", "ci95_low", "ci95_high"}
     wall_s: float
     items_per_s: float | None
     tokens_per_s: float | None
@@ -75,8 +76,8 @@ class TaskSummary:
     def rows(self) -> list[dict[str, Any]]:
         """One summary.csv row per metric."""
         common = {k: v for k, v in self.to_json().items() if k in SUMMARY_COLUMNS}
-        return [{**common, "metric": name, "value": m["value"], "stderr": m["stderr"]}
-                for name, m in self.metrics.items()]
+        return [{**common, "metric": name, "value": m["value"], "stderr": m["stderr"],
+                 "ci95_low": m.get("ci95_low"), "ci95_high": m.get("ci95_high")} for name, m in self.metrics.items()]
 
 
 def summarize(run: TaskRun, *, data_location: str, model_info: dict[str, Any], load: dict[str, Any],
@@ -98,7 +99,9 @@ def summarize(run: TaskRun, *, data_location: str, model_info: dict[str, Any], l
         prompt_version=run.prompt_version,
         n_items=len(scored),
         n_errors=len(run.items) - len(scored),
-        metrics={m.name: {"value": m.value, "stderr": m.stderr} for m in run.metrics},
+        metrics={m.name: {"value": m.value, "stderr": m.stderr,
+                          "ci95_low": m.ci95[0] if m.ci95 else None, "ci95_high": m.ci95[1] if m.ci95 else None}
+                 for m in run.metrics},
         wall_s=run.wall_s,
         # items taken from a checkpoint cost no model time: only the items computed now make the rate
         items_per_s=(len(scored) - n_resumed) / run.wall_s if run.wall_s > 0 and len(scored) > n_resumed else None,

@@ -71,12 +71,14 @@ def privacy_note(summaries: Sequence[TaskSummary], blocked: Sequence[str]) -> st
 
 def detail_table(summaries: Sequence[TaskSummary], markdown: bool = False) -> list[str]:
     """One row per (model, dataset, metric) with the speed and memory figures."""
-    header = ["model", "dataset", "metric", "value", "stderr", "n", "errors", "scoring", "shots", "items/s",
+    header = ["model", "dataset", "metric", "value", "stderr", "95% CI", "n", "errors", "scoring", "shots", "items/s",
               "tok/s", "p50 s", "p95 s", "ttft s", "peak MB"]
     rows = []
     for s in summaries:
         for name, metric in s.metrics.items():
-            rows.append([s.model, s.dataset, name, _fmt(metric["value"], 4), _fmt(metric["stderr"], 4),
+            low, high = metric.get("ci95_low"), metric.get("ci95_high")
+            interval = "-" if low is None or high is None else f"{low:.3f}-{high:.3f}"
+            rows.append([s.model, s.dataset, name, _fmt(metric["value"], 4), _fmt(metric["stderr"], 4), interval,
                          str(s.n_items), str(s.n_errors), s.scoring, str(s.num_fewshot), _fmt(s.items_per_s, 2),
                          _fmt(s.tokens_per_s, 0), _fmt(s.latency_p50_s, 3), _fmt(s.latency_p95_s, 3),
                          _fmt(s.ttft_p50_s, 3), _fmt(s.peak_rss_mb, 0)])

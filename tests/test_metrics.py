@@ -15,6 +15,7 @@ from llmlab_fixtures.metrics import (
     aggregate,
     apply_filter,
     argmax,
+    binary_interval,
     cut_at_stop,
     error_count,
     exact_match,
@@ -25,6 +26,7 @@ from llmlab_fixtures.metrics import (
     parse_choice_letter,
     pooled_stderr,
     regex_filter,
+    wilson_interval,
 )
 from llmlab_fixtures.records import ItemRecord
 from llmlab_fixtures.tasks import get_task
@@ -267,3 +269,38 @@ def test_aggregate_mmlu_weighted_and_subject_mean():
     assert groups["anatomy"][0].stderr == pytest.approx(se_a)
     assert metrics["acc"].stderr == pytest.approx(pooled_stderr([se_a, se_v], [4, 2]))
     assert metrics["acc_subject_mean"].stderr == pytest.approx(math.sqrt(se_a**2 + se_v**2) / 2)
+
+
+# --- confidence intervals ------------------------------------------------------------------------
+
+
+@given(n=st.integers(min_value=1, max_value=100_000), data=st.data())
+def test_wilson_interval_is_a_proper_interval_around_the_proportion(n: int, data: st.DataObject) -> None:
+    k = data.draw(st.integers(min_value=0, max_value=n))
+    low, high = wilson_interval(k, n)
+    assert 0.0 <= low <= k / n <= high <= 1.0
+    assert high - low > 0  # never empty, even at 0 or n successes
+    mirror_low, mirror_high = wilson_interval(n - k, n)  # symmetric under relabelling right/wrong
+    assert mirror_low == pytest.approx(1 - high, abs=1e-12) and mirror_high == pytest.approx(1 - low, abs=1e-12)
+
+
+@given(p=st.floats(min_value=0.05, max_value=0.95), n=st.integers(min_value=10, max_value=10_000))
+def test_wilson_interval_narrows_as_items_grow(p: float, n: int) -> None:
+    k = round(p * n)
+    low, high = wilson_interval(k, n)
+    low4, high4 = wilson_interval(4 * k, 4 * n)
+    assert high4 - low4 < high - low
+
+
+def test_wilson_interval_reference_values() -> None:
+    # Wilson (1927) / Newcombe (1998) table: 81 of 263 -> 0.2553..0.3662; 0 of 10 -> 0..0.2775
+    assert wilson_interval(81, 263) == pytest.approx((0.2553, 0.3662), abs=5e-5)
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=5e-5)
+    assert wilson_interval(0, 0) is None
+
+
+@given(st.lists(st.sampled_from([0.0, 1.0]), min_size=1, max_size=500))
+def test_accuracy_interval_contains_the_accuracy(values: list[float]) -> None:
+    low, high = binary_interval(values)
+    assert low <= sum(values) / len(values) <= high
+    assert binary_interval([*values, 0.5]) is None  # only for right/wrong metrics

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from llmlab_fixtures.metrics import wilson_interval
+
 SMOLLM = "llama-cpp:smollm2-135m"
 GEMMA = "llama-cpp:gemma3-270m"
 
@@ -40,6 +42,8 @@ def test_one_model_one_dataset_writes_the_results_directory(bench_pytester: pyte
     acc = next(r for r in rows if r["metric"] == "acc")
     assert float(acc["value"]) == pytest.approx(sum(i["metrics"]["acc"] for i in items) / 4)
     assert acc["n_items"] == "4" and acc["scoring"] == "loglik" and float(acc["items_per_s"]) > 0
+    low, high = wilson_interval(int(sum(i["metrics"]["acc"] for i in items)), 4)  # recomputed from items.jsonl
+    assert (float(acc["ci95_low"]), float(acc["ci95_high"])) == pytest.approx((low, high))
     results = json.loads((out / "results.json").read_text())
     assert results["models"][SMOLLM]["add_bos_token"] is False
     assert results["config"]["limit"] == 4
