@@ -101,7 +101,11 @@ class CheckpointStore:
 def model_fingerprint(store: CheckpointStore, info: dict[str, Any]) -> str:
     """What identifies a model's numbers: backend, weights (file sha256, else name/revision/endpoint), numerics."""
     path = info.get("path")
-    weights = f"sha256:{store.file_sha256(Path(path))}" if path and os.path.isfile(path) else None
+    weights = None
+    if path and os.path.isfile(path):
+        weights = f"sha256:{store.file_sha256(Path(path))}"
+    elif path and os.path.isdir(path):  # a Hugging Face cache snapshot is named by its commit: the revision
+        weights = f"dir:{Path(path).resolve()}"
     extra = info.get("extra") or {}
     parts = {
         "backend": info.get("backend"),
