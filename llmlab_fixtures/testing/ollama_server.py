@@ -727,15 +727,19 @@ class OllamaServer:
             reply.line({"status": status})
         reply.end()
 
-    def api_generate(self, handler: _Handler, body: bytes, reply: _Reply) -> None:
-        started = time.perf_counter()
-        request = _parse_request(body, "GenerateRequest")
+    def _open_request(self, body: bytes, kind: str) -> tuple[dict[str, Any], ModelSlot, dict[str, Any], float]:
+        """A generate/chat body parsed: the request, its model's slot, checked options and keep-alive seconds."""
+        request = _parse_request(body, kind)
         name = request.get("model")
         if not name:
             raise ApiError(400, "model is required")
-        slot = self.slot(name)
         options = _check_options(request.get("options") or {})
-        keep_alive = parse_keep_alive(request.get("keep_alive"), self.keep_alive)
+        return request, self.slot(name), options, parse_keep_alive(request.get("keep_alive"), self.keep_alive)
+
+    def api_generate(self, handler: _Handler, body: bytes, reply: _Reply) -> None:
+        started = time.perf_counter()
+        request, slot, options, keep_alive = self._open_request(body, "GenerateRequest")
+        name = request["model"]
         prompt = request.get("prompt", "")
         raw = request.get("raw", False)
         if raw and (request.get("template") or request.get("system") or request.get("context")):
@@ -781,13 +785,8 @@ class OllamaServer:
 
     def api_chat(self, handler: _Handler, body: bytes, reply: _Reply) -> None:
         started = time.perf_counter()
-        request = _parse_request(body, "ChatRequest")
-        name = request.get("model")
-        if not name:
-            raise ApiError(400, "model is required")
-        slot = self.slot(name)
-        options = _check_options(request.get("options") or {})
-        keep_alive = parse_keep_alive(request.get("keep_alive"), self.keep_alive)
+        request, slot, options, keep_alive = self._open_request(body, "ChatRequest")
+        name = request["model"]
         messages = []
         for i, message in enumerate(request.get("messages") or []):
             if not isinstance(message, dict) or not isinstance(message.get("role", ""), str) \
