@@ -18,7 +18,7 @@ from llmlab_fixtures.collect import ResultCollector, summary_property
 from llmlab_fixtures.errors import LlmlabError
 from llmlab_fixtures.network import NetworkGuard
 from llmlab_fixtures.options import RunConfig, add_options, build_run_config
-from llmlab_fixtures.paired import PairedComparison, compare_pairs, read_items
+from llmlab_fixtures.paired import PairedComparison
 from llmlab_fixtures.session import BenchSession, LoadedModel, backend_settings, load_model, run_scoring
 from llmlab_fixtures.storage import remove_parts, write_results
 from llmlab_fixtures.summary import TaskSummary, record_properties
@@ -230,10 +230,10 @@ class ControllerHooks:
         self.summaries = summaries = self.collector.merged([m.label for m in self.run.models])
         self.notes = self._notes()
         if summaries:
-            self.written = write_results(self.run.output_dir, summaries, formats=self.run.export_formats,
-                                         config=self.run.public_dict(), notes=self.notes)
+            self.written, self.comparisons = write_results(
+                self.run.output_dir, summaries, formats=self.run.export_formats, config=self.run.public_dict(),
+                notes=self.notes)
             remove_parts(self.run.output_dir)
-            self.comparisons = compare_pairs(read_items(self.written[0]), [m.label for m in self.run.models])
         failed_models = any(not u.missing_key for u in self.run.unavailable)
         if (failed_models or self.blocked) and session.exitstatus == pytest.ExitCode.OK:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -14,7 +14,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from llmlab_fixtures.paired import compare_pairs, read_items
+from llmlab_fixtures.paired import PairedComparison, compare_pairs, read_items
 from llmlab_fixtures.records import ItemRecord
 from llmlab_fixtures.summary import SUMMARY_COLUMNS, TaskSummary
 from llmlab_fixtures.table import markdown_report
@@ -113,8 +113,8 @@ def merge_items(output_dir: Path, summaries: Sequence[TaskSummary]) -> Path:
 
 
 def write_results(output_dir: Path, summaries: Sequence[TaskSummary], *, formats: Sequence[str],
-                  config: dict[str, Any], notes: Sequence[str] = ()) -> list[Path]:
-    """Write the results directory; returns the files written."""
+                  config: dict[str, Any], notes: Sequence[str] = ()) -> tuple[list[Path], list[PairedComparison]]:
+    """Write the results directory; returns the files written and the model-against-model comparisons."""
     output_dir.mkdir(parents=True, exist_ok=True)
     written = [merge_items(output_dir, summaries)]
     comparisons = compare_pairs(read_items(written[0]), list(dict.fromkeys(s.model for s in summaries)))
@@ -137,7 +137,7 @@ def write_results(output_dir: Path, summaries: Sequence[TaskSummary], *, formats
             "notes": list(notes),
         }
         atomic_write_text(written[-1], json.dumps(document, indent=2, ensure_ascii=False) + "\n")
-    return written
+    return written, comparisons
 
 
 def remove_parts(output_dir: Path) -> None:

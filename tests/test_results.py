@@ -58,7 +58,7 @@ def test_write_results_contract(tmp_path: Path) -> None:
     part.parent.mkdir(parents=True)
     part.write_text('{"item_id": "x"}\n')
     summaries[0].items_file = "parts/main/a.jsonl"
-    written = write_results(tmp_path, summaries, formats=("csv", "json", "markdown"), config={"limit": 4})
+    written, _ = write_results(tmp_path, summaries, formats=("csv", "json", "markdown"), config={"limit": 4})
     assert [p.name for p in written] == ["items.jsonl", "summary.csv", "summary.md", "results.json"]
     assert (tmp_path / "items.jsonl").read_text() == '{"item_id": "x"}\n'
     with (tmp_path / "summary.csv").open() as handle:

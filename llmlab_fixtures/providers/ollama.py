@@ -107,27 +107,31 @@ def _pulled(client: Any) -> dict[str, Any]:
     return {normalize_tag(m.model): m for m in client.list().models if m.model}
 
 
+def _listed_models(host: str, timeout: float) -> dict[str, Any]:
+    """``/api/tags`` of the server at ``host`` by matching name; ModelUnavailable in one line when it fails."""
+    url = resolve_host(host)
+    client = _client(host, timeout)
+    try:
+        return _pulled(client)
+    except _transport_errors() as exc:
+        blocked = _blocked_by_guard(exc)
+        raise ModelUnavailable(str(blocked) if blocked else unreachable_message(url)) from None
+    except _ollama().ResponseError as exc:
+        raise ModelUnavailable(f"Ollama at {url} could not list its models: {exc.error} "
+                               f"(HTTP {exc.status_code})") from None
+    finally:
+        client.close()
+
+
 def list_pulled_models(host: str | None = None, timeout: float = CHECK_TIMEOUT_S) -> list[dict[str, Any]]:
     """Models pulled on the Ollama server at ``host`` (default: OLLAMA_HOST), for discovery (``llmlab models``).
 
     Each is a dict with name, size, digest, modified_at (ISO 8601), format, family, families, parameter_size,
     quantization_level and host. Raises ModelUnavailable when the server cannot be reached.
     """
-    host = host or env_host()
-    url = resolve_host(host)
-    client = _client(host, timeout)
-    try:
-        models = client.list().models
-    except _transport_errors() as exc:
-        blocked = _blocked_by_guard(exc)
-        raise ModelUnavailable(str(blocked) if blocked else unreachable_message(url)) from exc
-    except _ollama().ResponseError as exc:
-        raise ModelUnavailable(f"Ollama at {url} could not list its models: {exc.error} "
-                               f"(HTTP {exc.status_code})") from exc
-    finally:
-        client.close()
+    url = resolve_host(host or env_host())
     out = []
-    for m in models:
+    for m in _listed_models(host or env_host(), timeout).values():
         details = m.details
         out.append({
             "name": m.model,
@@ -149,19 +153,7 @@ def check_spec(spec: Any, settings: Any) -> None:
     tag = spec.target
     if not tag:
         raise ModelUnavailable(f"model spec {spec.raw!r}: write ollama:<tag>, e.g. ollama:smollm2:135m")
-    host = env_host()
-    url = resolve_host(host)
-    client = _client(host, min(float(settings.request_timeout), CHECK_TIMEOUT_S))
-    try:
-        pulled = _pulled(client)
-    except _transport_errors() as exc:
-        blocked = _blocked_by_guard(exc)
-        raise ModelUnavailable(str(blocked) if blocked else unreachable_message(url)) from None
-    except _ollama().ResponseError as exc:
-        raise ModelUnavailable(f"Ollama at {url} could not list its models: {exc.error} "
-                               f"(HTTP {exc.status_code})") from None
-    finally:
-        client.close()
+    pulled = _listed_models(env_host(), min(float(settings.request_timeout), CHECK_TIMEOUT_S))
     if normalize_tag(tag) not in pulled:
         raise ModelUnavailable(not_pulled_message(tag))
 
