@@ -9,6 +9,7 @@ from typing import Any
 from llmlab_fixtures.errors import CredentialsMissing, LlmlabError, ModelUnavailable
 from llmlab_fixtures.providers import BackendSettings, check_available, create_provider
 from llmlab_fixtures.specs import ModelSpec
+from llmlab_fixtures.table import format_size
 
 
 @dataclass(frozen=True)
@@ -34,10 +35,6 @@ class UnavailableModel:
 IN_PROCESS_BACKENDS = ("llama-cpp", "transformers")
 
 
-def format_bytes(n: float) -> str:
-    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
-
-
 def memory_limit(settings: BackendSettings) -> tuple[int, str]:
     """The bytes a model may take, and where that figure comes from (--max-memory, else available RAM)."""
     if settings.max_memory is not None:
@@ -55,7 +52,7 @@ def check_memory(spec: ModelSpec, settings: BackendSettings) -> None:
     limit, source = memory_limit(settings)
     if needed > limit:
         raise ModelUnavailable(
-            f"model {spec.label} needs about {format_bytes(needed)} but {source} is {format_bytes(limit)}; "
+            f"model {spec.label} needs about {format_size(needed)} but {source} is {format_size(limit)}; "
             "choose a smaller model or quantization, free memory, or raise --max-memory"
         )
 

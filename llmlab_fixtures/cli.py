@@ -10,11 +10,7 @@ from pathlib import Path
 from llmlab_fixtures.errors import LlmlabError
 from llmlab_fixtures.model_files import resolve_gguf, ways_to_get
 from llmlab_fixtures.registry import ModelEntry, load_models
-from llmlab_fixtures.table import text_grid
-
-
-def _size(n: int | None) -> str:
-    return "-" if not n else f"{n / 2**20:.0f} MiB" if n < 2**30 else f"{n / 2**30:.1f} GiB"
+from llmlab_fixtures.table import format_size, text_grid
 
 
 def _params(n: int | None) -> str:
@@ -38,7 +34,7 @@ def model_row(entry: ModelEntry, model_dirs: tuple[Path, ...] = ()) -> dict[str,
             from llmlab_fixtures.providers.llama_cpp import LlamaCppProvider
 
             where = f"available: {path}"
-            memory = _size(LlamaCppProvider(path, entry.alias, n_ctx=4096).estimate_memory())
+            memory = format_size(LlamaCppProvider(path, entry.alias, n_ctx=4096).estimate_memory())
     elif entry.cloud_backends:
         where = f"cloud API ({', '.join(entry.cloud_backends)})"
     else:
@@ -47,7 +43,7 @@ def model_row(entry: ModelEntry, model_dirs: tuple[Path, ...] = ()) -> dict[str,
         "alias": entry.alias,
         "params": _params(entry.parameters),
         "quant": entry.quantization or "-",
-        "size": _size(entry.file_size),
+        "size": format_size(entry.file_size),
         "ctx": str(entry.context_length or "-"),
         "memory@4k": memory,
         "sources": ",".join(entry.backends) or "-",
@@ -76,7 +72,7 @@ def list_ollama_models(host: str | None = None) -> list[str]:
     if not pulled:
         return [f"Ollama at {url}: no models pulled (ollama pull <tag>)"]
     rows = [[f"ollama:{m['name']}", m.get("parameter_size") or "-", m.get("quantization_level") or "-",
-             _size(m.get("size")), m.get("family") or "-"] for m in pulled]
+             format_size(m.get("size")), m.get("family") or "-"] for m in pulled]
     return [f"Ollama at {url}:", *text_grid(["spec", "params", "quant", "size", "family"], rows, markdown=False,
                                              rule=False)]
 

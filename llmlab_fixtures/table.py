@@ -15,6 +15,11 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def format_size(n: float | None) -> str:
+    """Bytes as MiB or GiB (binary units, as memory is counted); ``-`` when unknown."""
+    return "-" if not n else f"{n / 2**20:.0f} MiB" if n < 2**30 else f"{n / 2**30:.1f} GiB"
+
+
 def primary_metric(summary: TaskSummary) -> str | None:
     """The metric shown in the models × datasets table: the task's primary metric (else its first)."""
     if summary.primary_metric in summary.metrics:
