@@ -8,8 +8,8 @@ from typing import Any
 
 from llmlab_fixtures.errors import CredentialsMissing, LlmlabError, ModelUnavailable
 from llmlab_fixtures.providers import BackendSettings, check_available, create_provider
+from llmlab_fixtures.resources import fits
 from llmlab_fixtures.specs import ModelSpec
-from llmlab_fixtures.table import format_size
 
 
 @dataclass(frozen=True)
@@ -45,16 +45,31 @@ def memory_limit(settings: BackendSettings) -> tuple[int, str]:
 
 
 def check_memory(spec: ModelSpec, settings: BackendSettings) -> None:
-    """An in-process model whose estimated footprint exceeds the limit is refused before it can exhaust the machine."""
+    """An in-process model whose estimated footprint exceeds free RAM (or, for the part offloaded to a GPU, free
+    VRAM) is refused before it can exhaust the machine."""
     if spec.backend not in IN_PROCESS_BACKENDS:
         return
-    needed = create_provider(spec, settings).estimate_memory()
+    provider = create_provider(spec, settings)
+    needed = provider.estimate_memory()
+    on_gpu = gpu_share(provider, settings)
+    vram = None
+    if on_gpu:
+        from llmlab_fixtures.resources import free_vram
+
+        vram = free_vram()
     limit, source = memory_limit(settings)
-    if needed > limit:
-        raise ModelUnavailable(
-            f"model {spec.label} needs about {format_size(needed)} but {source} is {format_size(limit)}; "
-            "choose a smaller model or quantization, free memory, or raise --max-memory"
-        )
+    reason = fits(int(needed * (1 - on_gpu)), limit, int(needed * on_gpu), vram, source)
+    if reason:
+        raise ModelUnavailable(f"model {spec.label} {reason}")
+
+
+def gpu_share(provider: Any, settings: BackendSettings) -> float:
+    """The fraction of the model's memory that goes to a GPU (llama.cpp offloaded layers, transformers on CUDA)."""
+    from llmlab_fixtures.resources import offloaded_share
+
+    if spec_layers := getattr(provider, "n_gpu_layers", 0):
+        return offloaded_share(provider.metadata, spec_layers)
+    return 1.0 if str(settings.device).startswith("cuda") else 0.0
 
 
 def split_available(specs: Sequence[ModelSpec], settings: BackendSettings,

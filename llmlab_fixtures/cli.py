@@ -8,8 +8,18 @@ import sys
 from pathlib import Path
 
 from llmlab_fixtures.errors import LlmlabError
+from llmlab_fixtures.model_commands import (
+    RESOURCE_COMMANDS,
+    add_resource_commands,
+    discovered_rows,
+    estimated,
+    hf_cached_repo,
+    run_resource_command,
+)
 from llmlab_fixtures.model_files import resolve_gguf, ways_to_get
 from llmlab_fixtures.registry import ModelEntry, load_models
+from llmlab_fixtures.report import add_report_parser, run_report
+from llmlab_fixtures.resources import entry_memory_estimate, entry_weights_size
 from llmlab_fixtures.table import format_size, text_grid
 
 
@@ -39,11 +49,15 @@ def model_row(entry: ModelEntry, model_dirs: tuple[Path, ...] = ()) -> dict[str,
         where = f"cloud API ({', '.join(entry.cloud_backends)})"
     else:
         where = _downloadable(entry)
+    if where.startswith("downloadable") and entry.transformers and (cached := hf_cached_repo(entry)) is not None:
+        where = f"available (transformers): {cached}"
+    if memory == "-" and entry.local_backends:
+        memory = estimated(entry_memory_estimate(entry))
     return {
         "alias": entry.alias,
         "params": _params(entry.parameters),
         "quant": entry.quantization or "-",
-        "size": format_size(entry.file_size),
+        "size": format_size(entry.file_size) if entry.file_size else estimated(entry_weights_size(entry)),
         "ctx": str(entry.context_length or "-"),
         "memory@4k": memory,
         "sources": ",".join(entry.backends) or "-",
@@ -56,6 +70,7 @@ def list_models(model_dirs: tuple[Path, ...] = ()) -> list[str]:
     """The ``llmlab models`` table as lines of text."""
     models = load_models((Path("llmlab.toml"), Path("pyproject.toml")))
     rows = [model_row(entry, model_dirs) for entry in models.values()]
+    rows += discovered_rows(models, model_dirs)
     header = list(rows[0])
     return text_grid(header, [[r[h] for h in header] for r in rows], markdown=False, rule=False)
 
@@ -82,12 +97,18 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     models = commands.add_parser("models", help="list registered models and whether they can run here")
     models.add_argument("--model-dir", action="append", default=[], type=Path, help="a directory with GGUF files")
+    add_resource_commands(commands)
+    add_report_parser(commands)
     args = parser.parse_args(argv)
     try:
         if args.command == "models":
             print("\n".join(list_models(tuple(args.model_dir))))
             print()
             print("\n".join(list_ollama_models()))
+        elif args.command in RESOURCE_COMMANDS:
+            return run_resource_command(args)
+        elif args.command == "report":
+            return run_report(args)
     except LlmlabError as exc:
         print(f"llmlab: {exc}", file=sys.stderr)
         return 2

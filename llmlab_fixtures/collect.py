@@ -6,6 +6,7 @@ import json
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from llmlab_fixtures.speed import SpeedFigure, speeds_from_properties
 from llmlab_fixtures.summary import TaskSummary
 
 SUMMARY_PROPERTY = "llmlab_summary"
@@ -38,9 +39,12 @@ class ResultCollector:
 
     def __init__(self) -> None:
         self.summaries: list[TaskSummary] = []
+        self.speeds: list[SpeedFigure] = []
 
     def add_report(self, user_properties: Iterable[tuple[str, Any]]) -> None:
-        self.summaries.extend(summaries_from_properties(user_properties))
+        properties = list(user_properties)
+        self.summaries.extend(summaries_from_properties(properties))
+        self.speeds.extend(speeds_from_properties(properties))
 
     def merged(self, model_order: Sequence[str]) -> list[TaskSummary]:
         return merge_summaries(self.summaries, model_order)

@@ -88,7 +88,7 @@ def _assemble_gemma(module: ModuleType, cache_dir: Path) -> Path:
         with _file_lock(target.with_name(target.name + ".lock")):
             if _marker_ok(target, expected):  # another worker finished while we waited
                 return target
-            if target.is_file() and _sha256_file(target) == expected:
+            if target.is_file() and sha256_file(target) == expected:
                 _write_marker(target, expected)
                 return target
             _concatenate_checked(chunks, target, expected)
@@ -156,7 +156,8 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """The sha256 hex digest of a file, read in chunks."""
     digest = hashlib.sha256()
     with path.open("rb") as src:
         while block := src.read(_HASH_CHUNK):

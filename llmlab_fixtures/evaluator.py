@@ -35,6 +35,7 @@ from llmlab_fixtures.prompts import (
 from llmlab_fixtures.providers.base import (
     GenerationRequest,
     LoglikelihoodRequest,
+    LoglikelihoodResult,
     LoglikelihoodUnsupported,
     Provider,
 )
@@ -47,14 +48,19 @@ R = TypeVar("R")
 
 
 def _score_loglik(task: TaskDefinition, provider: Provider, doc: Doc, requests: list[LoglikelihoodRequest],
-                  record: ItemRecord) -> None:
+                  record: ItemRecord, scored: tuple[list[LoglikelihoodResult], float] | None = None) -> None:
+    """Score one item from its choices' log-likelihoods: computed here, or ``scored`` (results, latency) by a
+    window call that ran several items at once."""
     choices = task.choices(doc)
     gold = task.target(doc)
     labels = task.labels(doc)
     record.gold = gold
-    started = time.perf_counter()
-    results = provider.loglikelihood(requests)  # all choices at once: the backend shares the context
-    record.latency_s = time.perf_counter() - started
+    if scored is None:
+        started = time.perf_counter()
+        results = provider.loglikelihood(requests)  # all choices at once: the backend shares the context
+        record.latency_s = time.perf_counter() - started
+    else:
+        results, record.latency_s = scored
     if len(results) != len(requests):
         raise RuntimeError(f"provider returned {len(results)} results for {len(requests)} requests")
     lls = [float(r.logprob) for r in results]
@@ -156,21 +162,24 @@ class ItemCache(Protocol):
 
 
 def _score_item(task: TaskDefinition, provider: Provider, mode: str, doc: Doc, exemplars: list[Doc],
-                record: ItemRecord, *, seed: int, cache: ItemCache | None = None) -> ItemRecord:
+                record: ItemRecord, *, seed: int, cache: ItemCache | None = None,
+                prepared: tuple[ItemPrompt, tuple[list[LoglikelihoodResult], float] | None] | None = None,
+                ) -> ItemRecord:
     """Score one item into ``record``; a provider failure becomes the item's ``error`` instead of a wrong answer.
 
-    With a ``cache``, an item finished by an earlier run with the same prompt is returned as it was.
+    With a ``cache``, an item finished by an earlier run with the same prompt is returned as it was. ``prepared``
+    is the item's prompt and, when a window call scored it with other items, its results and latency.
     """
     item_started = time.perf_counter()
     digest = None
     try:
-        prompt = item_prompt(task, mode, doc, exemplars, record.item_id, seed)
+        prompt = prepared[0] if prepared else item_prompt(task, mode, doc, exemplars, record.item_id, seed)
         if cache is not None:
             digest = prompt.digest(task)
             if (saved := cache.lookup(record.item_id, digest)) is not None:
                 return saved
         if prompt.loglik is not None:
-            _score_loglik(task, provider, doc, prompt.loglik, record)
+            _score_loglik(task, provider, doc, prompt.loglik, record, prepared[1] if prepared else None)
         elif prompt.order is not None:
             _score_letter(task, provider, doc, prompt.generation, prompt.order, record)
         else:
@@ -187,6 +196,58 @@ def _score_item(task: TaskDefinition, provider: Provider, mode: str, doc: Doc, e
     if cache is not None and digest is not None:
         cache.save(record, digest)
     return record
+
+
+Job = tuple[Doc, list[Doc], ItemRecord]
+
+
+def _score_window(task: TaskDefinition, provider: Provider, jobs: Sequence[Job], *, seed: int,
+                  cache: ItemCache | None) -> list[ItemRecord]:
+    """Score several log-likelihood items with one provider call (a backend that batches across items).
+
+    Checkpointed items are taken as they were; if the shared call fails, each item is scored on its own, so a
+    failure stays with the item that caused it. Each item's latency is the call's time shared out evenly.
+    """
+    prepared: list[tuple[ItemPrompt, tuple[list[LoglikelihoodResult], float] | None] | None] = []
+    pending: list[int] = []
+    for i, (doc, exemplars, record) in enumerate(jobs):
+        try:
+            prompt = item_prompt(task, "loglik", doc, exemplars, record.item_id, seed)
+        except Exception:
+            prepared.append(None)  # _score_item records the error
+            continue
+        saved = cache.lookup(record.item_id, prompt.digest(task)) if cache is not None else None
+        prepared.append((prompt, None))
+        if saved is None:
+            pending.append(i)
+    if len(pending) > 1:
+        requests = [r for i in pending for r in prepared[i][0].loglik]  # type: ignore[index, union-attr]
+        try:
+            started = time.perf_counter()
+            results = provider.loglikelihood(requests)
+            share = (time.perf_counter() - started) / len(pending)
+        except Exception:
+            results = []
+        if len(results) == len(requests):
+            offset = 0
+            for i in pending:
+                prompt = prepared[i][0]  # type: ignore[index]
+                n = len(prompt.loglik)  # type: ignore[arg-type]
+                prepared[i] = (prompt, (results[offset : offset + n], share))
+                offset += n
+    return [_score_item(task, provider, "loglik", *job, seed=seed, cache=cache, prepared=ready)
+            for job, ready in zip(jobs, prepared)]
+
+
+def _windows(jobs: Iterable[Job], size: int) -> Iterator[list[Job]]:
+    window: list[Job] = []
+    for job in jobs:
+        window.append(job)
+        if len(window) == size:
+            yield window
+            window = []
+    if window:
+        yield window
 
 
 def _in_order(function: Callable[[T], R], jobs: Iterable[T], concurrency: int) -> Iterator[R]:
@@ -243,7 +304,7 @@ def evaluate(
     sampler = ExemplarSampler(task, fewshot_docs, shots, seed=seed, fixed=fixed_fewshot)
     started = time.perf_counter()
 
-    def jobs() -> Iterator[tuple[Doc, list[Doc], ItemRecord]]:
+    def jobs() -> Iterator[Job]:
         group_positions: dict[str | None, int] = {}
         for position, doc in enumerate(docs):
             group = task.group(doc) if task.group_field else None
@@ -254,12 +315,20 @@ def evaluate(
                                 correct=None, group=group)
             yield doc, sampler.exemplars(doc), record  # exemplars drawn for every item, in order, as lm-eval does
 
-    def score(job: tuple[Doc, list[Doc], ItemRecord]) -> ItemRecord:
+    def score(job: Job) -> ItemRecord:
         return _score_item(task, provider, mode, *job, seed=seed, cache=cache)
+
+    def scored() -> Iterator[ItemRecord]:
+        window = max(1, provider.loglik_items_per_call) if mode == "loglik" else 1
+        if window == 1:
+            yield from _in_order(score, jobs(), provider.max_concurrency)
+            return
+        for group in _windows(jobs(), window):
+            yield from _score_window(task, provider, group, seed=seed, cache=cache)
 
     items: list[ItemRecord] = []
     total = len(docs)
-    for record in _in_order(score, jobs(), provider.max_concurrency):
+    for record in scored():
         items.append(record)
         if on_item is not None:
             on_item(record)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from llmlab_fixtures.errors import ModelUnavailable
 from llmlab_fixtures.registry import ModelEntry
@@ -37,18 +38,28 @@ def ways_to_get(entry: ModelEntry) -> list[str]:
     if "install" in gguf:
         ways.append(f"`{gguf['install']}`")
     if "repo" in gguf and "file" in gguf:
-        ways.append(f"`huggingface-cli download {gguf['repo']} {gguf['file']}` (found in the Hugging Face cache), "
+        ways.append(f"`llmlab download {entry.alias}` (into the Hugging Face cache), "
                     f"or put {gguf['file']} in a directory listed in LLMLAB_MODEL_DIRS / --model-dir")
     if entry.transformers:
-        ways.append(f"`huggingface-cli download {entry.transformers['repo']}` and use transformers:{entry.alias}")
+        command = f"llmlab download {entry.alias}" + (" --backend transformers" if "repo" in gguf else "")
+        ways.append(f"`{command}` and use transformers:{entry.alias}")
     if "ollama" in entry.sources:
         ways.append(f"`ollama pull {entry.sources['ollama']}` and use ollama:{entry.sources['ollama']}")
     return ways
 
 
+def dir_gguf_files(extra_dirs: tuple[Path, ...] = ()) -> list[Path]:
+    """Every ``*.gguf`` in the model directories (not recursive), in directory order then by name."""
+    found: list[Path] = []
+    for directory in model_dirs(extra_dirs):
+        if directory.is_dir():
+            found += sorted(p for p in directory.glob("*.gguf") if p.is_file())
+    return found
+
+
 def resolve_gguf(entry: ModelEntry | None, target: str, extra_dirs: tuple[Path, ...] = (),
-                 backend: str = "llama-cpp") -> Path:
-    """The GGUF file for an alias or a path; ModelUnavailable with the ways to get it otherwise."""
+                 backend: str = "llama-cpp", quantization: str | None = None) -> Path:
+    """The GGUF file for an alias (the ``quantization`` one if given) or a path; ModelUnavailable otherwise."""
     if entry is None:
         path = Path(target).expanduser()
         if not path.is_file():
@@ -61,9 +72,14 @@ def resolve_gguf(entry: ModelEntry | None, target: str, extra_dirs: tuple[Path, 
     if not gguf:
         raise ModelUnavailable(f"model {entry.alias!r} has no GGUF form for llama.cpp; "
                                f"use one of its backends: {', '.join(entry.backends)}")
-    if "path" in gguf and Path(gguf["path"]).expanduser().is_file():
+    try:
+        filename = entry.gguf_file(quantization)
+    except LookupError as exc:
+        raise ModelUnavailable(str(exc)) from None
+    default = quantization is None or filename == gguf.get("file")
+    if default and "path" in gguf and Path(gguf["path"]).expanduser().is_file():
         return Path(gguf["path"]).expanduser()
-    if "package" in gguf:
+    if default and "package" in gguf:
         from llmlab_fixtures.embedded import embedded_gguf
 
         try:
@@ -71,10 +87,28 @@ def resolve_gguf(entry: ModelEntry | None, target: str, extra_dirs: tuple[Path, 
         except ModelUnavailable:
             if "repo" not in gguf:
                 raise
-    if "file" in gguf:
+    if filename:
         for directory in model_dirs(extra_dirs):
-            if (directory / gguf["file"]).is_file():
-                return directory / gguf["file"]
-        if "repo" in gguf and (cached := _hf_cached_file(gguf["repo"], gguf["file"])) is not None:
+            if (directory / filename).is_file():
+                return directory / filename
+        if "repo" in gguf and (cached := _hf_cached_file(gguf["repo"], filename)) is not None:
             return cached
-    raise ModelUnavailable(f"model {entry.alias!r} is not available locally; get it with {how_to_get(entry)}")
+    how = how_to_get(entry)
+    if quantization and filename:
+        how = f"`llmlab download {entry.alias} --quantization {quantization}`"
+    raise ModelUnavailable(f"model {entry.alias!r}{f' ({quantization})' if quantization else ''} is not available "
+                           f"locally; get it with {how}")
+
+
+def gguf_for_run(entry: ModelEntry | None, target: str, settings: Any, backend: str = "llama-cpp") -> Path:
+    """The GGUF a run uses: ``settings.quantization`` strictly, else the preset's preferred quantization where the
+    model has that file here, else the default file."""
+    quantization = getattr(settings, "quantization", None)
+    preferred = getattr(settings, "preferred_quantization", None)
+    has_preferred = entry is not None and preferred and preferred.upper() in {q.upper() for q in entry.gguf_files}
+    if has_preferred and not quantization:
+        try:
+            return resolve_gguf(entry, target, settings.model_dirs, backend, preferred)
+        except ModelUnavailable:
+            pass
+    return resolve_gguf(entry, target, settings.model_dirs, backend, quantization if entry is not None else None)

@@ -13,10 +13,11 @@ import pytest
 from llmlab_fixtures.availability import UnavailableModel
 from llmlab_fixtures.checkpoint import DEFAULT_CHECKPOINT
 from llmlab_fixtures.errors import ConfigError
+from llmlab_fixtures.presets import PRESET_KEYS, describe, merge_with_preset
 from llmlab_fixtures.registry import load_models
 from llmlab_fixtures.specs import SPEC_SYNTAX, ModelSpec, parse_specs
 
-EXPORT_FORMATS = ("csv", "json", "markdown")
+EXPORT_FORMATS = ("csv", "json", "markdown", "html")
 SCORING_METHODS = ("auto", "loglik", "generate")
 DEFAULT_MODELS = "local:smollm2-135m"
 
@@ -32,7 +33,7 @@ def add_options(parser: pytest.Parser) -> None:
                          "else the Hugging Face Hub")
     group.addoption("--output-dir", default=None, help="results directory (default .llmlab/runs/<timestamp>)")
     group.addoption("--export-format", default=",".join(EXPORT_FORMATS),
-                    help="comma-separated result formats among csv, json, markdown (default all); "
+                    help="comma-separated result formats among csv, json, markdown, html (report.html; default all); "
                          "items.jsonl is always written")
     group.addoption("--num-fewshot", default=None, help="override every task's number of few-shot examples")
     group.addoption("--fixed-fewshot", action="store_true",
@@ -41,17 +42,20 @@ def add_options(parser: pytest.Parser) -> None:
                     help="multiple choice by log-likelihood (loglik), by generated letter (generate), or auto: "
                          "loglik when every model in the run supports it")
     group.addoption("--seed", default="1234", help="seed for few-shot sampling and option shuffling (default 1234)")
-    group.addoption("--threads", default=None, help="CPU threads per model (default: physical cores / workers)")
+    group.addoption("--threads", default=None,
+                    help="CPU threads per model (default: physical cores / workers, or the preset's)")
     group.addoption("--model-dir", action="append", default=[], help="a directory with GGUF files (repeatable)")
     group.addoption("--local-only", action="store_true",
                     help="keep only local models (cloud models are dropped); the network guard comes with the "
                          "cloud backends")
     group.addoption("--use-local", action="store_true",
                     help="for an alias that exists both locally and as an API, use the local form")
-    group.addoption("--gpu-layers", default="0", help="layers to offload to the GPU for llama.cpp (default 0)")
+    group.addoption("--gpu-layers", default=None,
+                    help="layers to offload to the GPU for llama.cpp: a number, -1 (all) or auto (as many as fit "
+                         "in free VRAM); default 0, or the preset's; falls back to the CPU when offload fails")
     group.addoption("--device", default="auto",
                     help="transformers device: auto (CUDA, then Apple MPS, then CPU), cpu, cuda, cuda:N or mps")
-    group.addoption("--batch-size", default="auto",
+    group.addoption("--batch-size", default=None,
                     help="transformers rows per forward pass: a number, or auto (start high, halve on out-of-memory)")
     group.addoption("--request-timeout", default="120",
                     help="seconds to wait for one HTTP response from Ollama or a cloud API (default 120)")
@@ -69,8 +73,17 @@ def add_options(parser: pytest.Parser) -> None:
     group.addoption("--fresh", action="store_true",
                     help="start over: forget the checkpointed items of the models and datasets this run scores")
     group.addoption("--quantization", default=None,
-                    help="NOT YET HONOURED: choose a model's GGUF by quantization (e.g. Q4_K_M); accepted and "
-                         "reported, the embedded models have one file each")
+                    help="run each GGUF model's file of this quantization (e.g. Q4_K_M, Q8_0); a model without it "
+                         "is skipped with the ones it has")
+    group.addoption("--preset", default=None,
+                    help="performance, quality or memory: defaults for --ctx-size, --batch-size, --threads, "
+                         "--quantization, --gpu-layers and --dtype (options given explicitly win)")
+    group.addoption("--ctx-size", default=None,
+                    help="context size in tokens (llama.cpp n_ctx, transformers max length); default the model's, "
+                         "capped at 8192")
+    group.addoption("--dtype", default=None,
+                    help="transformers weights dtype: auto (fp32 on CPU, bf16/fp16 on GPUs), float32, float16, "
+                         "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -90,8 +103,13 @@ class RunConfig:
     model_dirs: tuple[Path, ...] = ()
     local_only: bool = False
     use_local: bool = False
-    gpu_layers: int = 0
+    gpu_layers: int | None = 0  # None: auto (as many layers as fit in free VRAM)
     quantization: str | None = None
+    preferred_quantization: str | None = None  # from a preset: used where a model has that GGUF
+    preset: str | None = None
+    preset_origin: dict[str, str] = field(default_factory=dict)  # knob -> "option" or "preset"
+    ctx_size: int | None = None
+    dtype: str = "auto"
     device: str = "auto"
     batch_size: int | None = None
     request_timeout: float = 120.0
@@ -103,6 +121,7 @@ class RunConfig:
     fresh: bool = False
     unavailable: tuple[UnavailableModel, ...] = ()  # requested, checked, and not runnable here
     notices: tuple[str, ...] = field(default_factory=tuple)
+    cost: Any = None  # cost.CostSettings: the cost report's assumptions (set by the plugin from options and ini)
 
     def public_dict(self) -> dict[str, Any]:
         """The configuration as written into results.json (no secrets are ever part of it)."""
@@ -119,8 +138,13 @@ class RunConfig:
             "threads": self.threads,
             "local_only": self.local_only,
             "use_local": self.use_local,
-            "gpu_layers": self.gpu_layers,
+            "gpu_layers": "auto" if self.gpu_layers is None else self.gpu_layers,
             "quantization": self.quantization,
+            "preferred_quantization": self.preferred_quantization,
+            "preset": self.preset,
+            "preset_origin": dict(self.preset_origin),
+            "ctx_size": self.ctx_size,
+            "dtype": self.dtype,
             "device": self.device,
             "batch_size": self.batch_size or "auto",
             "request_timeout": self.request_timeout,
@@ -193,6 +217,50 @@ def _device_option(value: Any) -> str:
     raise ConfigError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {value!r}")
 
 
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+def _gpu_layers_option(value: Any) -> int | None:
+    if value is None:
+        return 0
+    if str(value).strip().lower() == "auto":
+        return None
+    try:
+        return _int_option("--gpu-layers", value, minimum=-1) or 0
+    except ConfigError:
+        raise ConfigError(f"--gpu-layers must be a whole number >= -1 or auto, got {value!r}") from None
+
+
+def _knob_values(knobs: dict[str, Any], device_option: Any, specs: list[ModelSpec]) -> dict[str, Any]:
+    """Validate the preset-able knobs; a GPU that cannot be used falls back to the CPU with one notice."""
+    from llmlab_fixtures.resources import llama_layers_fallback, torch_device_fallback
+
+    threads = knobs.get("threads")
+    dtype = str(knobs.get("dtype") or "auto").strip().lower()
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {knobs.get('dtype')!r}")
+    values: dict[str, Any] = {
+        "threads": None if str(threads).lower() in ("none", "physical") else _int_option("--threads", threads,
+                                                                                        minimum=1),
+        "gpu_layers": _gpu_layers_option(knobs.get("gpu_layers")),
+        "quantization": str(knobs["quantization"]).strip() if knobs.get("quantization") else None,
+        "ctx_size": _int_option("--ctx-size", knobs.get("ctx_size"), minimum=16),
+        "dtype": dtype,
+        "batch_size": _batch_size_option(knobs.get("batch_size")),
+        "device": _device_option(device_option),
+        "shown": {k: knobs[k] for k in PRESET_KEYS if k in knobs},
+        "notices": [],
+    }
+    backends = {s.backend for s in specs}
+    if "llama-cpp" in backends:
+        values["gpu_layers"], notice = llama_layers_fallback(values["gpu_layers"])
+        values["notices"] += [notice] if notice else []
+    if "transformers" in backends:
+        values["device"], notice = torch_device_fallback(values["device"])
+        values["notices"] += [notice] if notice else []
+    return values
+
+
 def default_output_dir() -> Path:
     """``.llmlab/runs/<timestamp>`` under the current directory."""
     return Path(".llmlab") / "runs" / time.strftime("%Y%m%d-%H%M%S")
@@ -224,11 +292,12 @@ def build_run_config(option: Any, output_dir: Path | None = None) -> RunConfig:
         if not specs:
             raise ConfigError(f"--local-only leaves no model to run (dropped {', '.join(dropped)}); "
                               "add a local model, e.g. --models=local:smollm2-135m")
-    gpu_layers = _int_option("--gpu-layers", option.gpu_layers, minimum=-1) or 0
-    notices = []
-    if option.quantization:
-        notices.append(f"--quantization {option.quantization} is accepted but not yet honoured: "
-                       "each model runs its registered GGUF")
+    knobs, origin = merge_with_preset(getattr(option, "preset", None), {k: getattr(option, k, None)
+                                                                        for k in PRESET_KEYS})
+    knobs = _knob_values(knobs, option.device, specs)
+    notices = list(knobs.pop("notices"))
+    if option.preset:
+        notices.insert(0, describe(option.preset, knobs["shown"], origin))
     return RunConfig(
         models=tuple(specs),
         output_dir=output_dir or Path(option.output_dir or default_output_dir()),
@@ -239,14 +308,19 @@ def build_run_config(option: Any, output_dir: Path | None = None) -> RunConfig:
         fixed_fewshot=bool(option.fixed_fewshot),
         scoring=scoring,
         seed=_int_option("--seed", option.seed, minimum=0) or 0,
-        threads=_int_option("--threads", option.threads, minimum=1),
+        threads=knobs["threads"],
         model_dirs=model_dirs,
         local_only=bool(option.local_only),
         use_local=bool(option.use_local),
-        gpu_layers=gpu_layers,
-        quantization=option.quantization,
-        device=_device_option(option.device),
-        batch_size=_batch_size_option(option.batch_size),
+        gpu_layers=knobs["gpu_layers"],
+        quantization=knobs["quantization"] if origin.get("quantization") == "option" else None,
+        preferred_quantization=knobs["quantization"] if origin.get("quantization") == "preset" else None,
+        preset=str(option.preset).strip().lower() if option.preset else None,
+        preset_origin=origin,
+        ctx_size=knobs["ctx_size"],
+        dtype=knobs["dtype"],
+        device=knobs["device"],
+        batch_size=knobs["batch_size"],
         request_timeout=_float_option("--request-timeout", option.request_timeout, minimum=0.1),
         max_retries=_int_option("--max-retries", option.max_retries, minimum=0) or 0,
         concurrency=_int_option("--concurrency", option.concurrency, minimum=1) or 1,

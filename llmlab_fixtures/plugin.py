@@ -15,12 +15,24 @@ import pytest
 
 from llmlab_fixtures.availability import UnavailableModel, split_available
 from llmlab_fixtures.collect import ResultCollector, summary_property
+from llmlab_fixtures.comparison import Report, terminal_lines
+from llmlab_fixtures.cost import add_cost_options, cost_settings_from_pytest
 from llmlab_fixtures.errors import LlmlabError
 from llmlab_fixtures.network import NetworkGuard
 from llmlab_fixtures.options import RunConfig, add_options, build_run_config
 from llmlab_fixtures.paired import PairedComparison
-from llmlab_fixtures.session import BenchSession, LoadedModel, backend_settings, load_model, run_scoring
-from llmlab_fixtures.storage import remove_parts, write_results
+from llmlab_fixtures.providers.base import SpeedProbeUnsupported
+from llmlab_fixtures.session import (
+    BenchSession,
+    LoadedModel,
+    backend_settings,
+    load_model,
+    merge_unloads,
+    run_scoring,
+    unload_model,
+)
+from llmlab_fixtures.speed import XDIST_SKIP, SpeedFigure, measure, speed_property
+from llmlab_fixtures.storage import remove_parts, write_run
 from llmlab_fixtures.summary import TaskSummary, record_properties
 from llmlab_fixtures.table import agreement_table, comparison_table, privacy_note
 
@@ -35,6 +47,7 @@ BLOCKED_PROPERTY = "llmlab_blocked_connections"
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     add_options(parser)
+    add_cost_options(parser)
 
 
 def _is_worker(config: pytest.Config) -> bool:
@@ -63,6 +76,7 @@ def pytest_configure(config: pytest.Config) -> None:
     output_dir = workerinput.get(OUTPUT_DIR_INPUT) if workerinput else None
     try:
         run_config = build_run_config(config.option, Path(output_dir) if output_dir else None)
+        run_config = dataclasses.replace(run_config, cost=cost_settings_from_pytest(config))
         if run_config.local_only:
             guard = NetworkGuard()
             guard.install()
@@ -163,7 +177,7 @@ def model(model_spec: Any, llmlab_session: BenchSession) -> Iterator[LoadedModel
     except LlmlabError as exc:
         pytest.fail(str(exc), pytrace=False)
     yield loaded
-    loaded.provider.close()
+    unload_model(loaded, llmlab_session.config)
 
 
 @pytest.fixture
@@ -182,6 +196,25 @@ def run_task(model: LoadedModel, llmlab_session: BenchSession,
             record_property(name, value)
         record_property(*summary_property(summary))
         return summary
+
+    return run
+
+
+@pytest.fixture
+def measure_speed(model: LoadedModel, benchmark: Any,
+                  record_property: Callable[[str, object], None]) -> Callable[[str], SpeedFigure]:
+    """Time one llama-bench-style test (pp512, tg128, ttft) on ``model`` with pytest-benchmark and record it."""
+
+    def run(test: str) -> SpeedFigure:
+        if benchmark.disabled:
+            pytest.skip(XDIST_SKIP)
+        try:
+            figure = measure(test, model.provider, model.spec.label, benchmark)
+        except SpeedProbeUnsupported as exc:
+            pytest.skip(str(exc))
+        record_property(f"{test}_{figure.unit.replace('/', '_per_')}", round(figure.value, 4))
+        record_property(*speed_property(figure))
+        return figure
 
     return run
 
@@ -208,6 +241,8 @@ class ControllerHooks:
         self.notes: list[str] = []
         self.comparisons: list[PairedComparison] = []
         self.blocked: set[str] = set()
+        self.report: Report | None = None
+        self._finished = False
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         if report.when == "call":
@@ -225,27 +260,51 @@ class ControllerHooks:
             notes.append(privacy_note(self.summaries, sorted(self.blocked)))
         return notes
 
+    def finish_results(self) -> None:
+        """Merge and write the results once (pytest-html may ask for the report before our sessionfinish)."""
+        if self._finished:
+            return
+        self._finished = True
+        self.summaries = summaries = self.collector.merged([m.label for m in self.run.models])
+        merge_unloads(summaries, self.run.output_dir)
+        self.notes = self._notes()
+        if summaries or self.collector.speeds:
+            self.written, self.report = write_run(
+                self.run.output_dir, summaries, formats=self.run.export_formats, config=self.run.public_dict(),
+                notes=self.notes, cost=self.run.cost, speeds=self.collector.speeds)
+            self.comparisons = self.report.pairs
+            remove_parts(self.run.output_dir)
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_html_results_summary(self, prefix: list[str], summary: list[str], postfix: list[str],
+                                    session: pytest.Session) -> None:
+        """pytest-html (when installed): the comparison tables and plots in the report's summary."""
+        self.finish_results()
+        if self.report is not None:
+            from llmlab_fixtures.html_report import pytest_html_fragment
+
+            postfix.append(pytest_html_fragment(self.report))
+
     @pytest.hookimpl(trylast=True)
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
-        self.summaries = summaries = self.collector.merged([m.label for m in self.run.models])
-        self.notes = self._notes()
-        if summaries:
-            self.written, self.comparisons = write_results(
-                self.run.output_dir, summaries, formats=self.run.export_formats, config=self.run.public_dict(),
-                notes=self.notes)
-            remove_parts(self.run.output_dir)
+        self.finish_results()
         failed_models = any(not u.missing_key for u in self.run.unavailable)
         if (failed_models or self.blocked) and session.exitstatus == pytest.ExitCode.OK:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
-        if self.summaries:
+        speeds = self.collector.speeds
+        if self.summaries or speeds:
             terminalreporter.write_sep("=", f"llmlab comparison ({run_scoring(self.run)} scoring)")
-            for line in comparison_table(self.summaries):
+            for line in comparison_table(self.summaries, speeds=speeds):
                 terminalreporter.write_line(line)
         if self.comparisons:
             terminalreporter.write_sep("-", "same items, model against model")
             for line in agreement_table(self.comparisons):
+                terminalreporter.write_line(line)
+        for title, lines in terminal_lines(self.report) if self.report is not None and self.summaries else ():
+            terminalreporter.write_sep("-", title)
+            for line in lines:
                 terminalreporter.write_line(line)
         for note in self.notes:
             terminalreporter.write_line(f"note: {note}")

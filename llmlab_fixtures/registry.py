@@ -34,7 +34,7 @@ class ModelEntry:
     file_size: int | None = None
     context_length: int | None = None
     license: str | None = None
-    gguf: dict[str, str] | None = None  # {package} embedded, or {repo, file} on the Hub, or {path}
+    gguf: dict[str, Any] | None = None  # {package} embedded, or {repo, file, quantizations} on the Hub, or {path}
     transformers: dict[str, str] | None = None  # {repo}
     sources: dict[str, Any] = field(default_factory=dict)  # backend -> source
 
@@ -49,6 +49,28 @@ class ModelEntry:
     @property
     def cloud_backends(self) -> list[str]:
         return [b for b in self.sources if b in CLOUD_BACKENDS]
+
+    @property
+    def gguf_files(self) -> dict[str, str]:
+        """GGUF file name per quantization: ``gguf.quantizations`` plus the default ``gguf.file``."""
+        gguf = self.gguf or {}
+        files = dict(gguf.get("quantizations") or {})
+        if "file" in gguf and self.quantization:
+            files.setdefault(self.quantization, gguf["file"])
+        return files
+
+    def gguf_file(self, quantization: str | None = None) -> str | None:
+        """The GGUF file name for ``quantization`` (None: the default file); LookupError lists the ones that exist."""
+        gguf = self.gguf or {}
+        if quantization is None:
+            return gguf.get("file")
+        files = {q.upper(): f for q, f in self.gguf_files.items()}
+        if quantization.upper() in files:
+            return files[quantization.upper()]
+        if "package" in gguf and not files and self.quantization and quantization.upper() == self.quantization.upper():
+            return None  # the embedded file is this quantization
+        known = sorted(self.gguf_files) or ([self.quantization] if self.quantization else [])
+        raise LookupError(f"model {self.alias!r} has no {quantization} GGUF; available: {', '.join(known) or 'none'}")
 
 
 def _entry(alias: str, data: dict[str, Any]) -> ModelEntry:

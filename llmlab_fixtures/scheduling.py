@@ -57,6 +57,9 @@ class ModelScheduling(LoadGroupScheduling):
 
     def _assign_work_unit(self, node: Any) -> None:
         """Send the next unit that still has tests to run; when the queue is then empty, say so."""
+        if node not in self.registered_collections:  # a replacement worker whose collection differed (xdist logged it)
+            node.shutdown()
+            return
         while self.workqueue:
             scope, unit = next(iter(self.workqueue.items()))
             if not all(unit.values()):

@@ -5,18 +5,21 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from llmlab_fixtures.checkpoint import CheckpointStore, TaskCheckpoint, model_fingerprint
+from llmlab_fixtures.cost import CostSettings
 from llmlab_fixtures.datasets import load_docs
+from llmlab_fixtures.energy import measure_energy
 from llmlab_fixtures.evaluator import evaluate
 from llmlab_fixtures.options import RunConfig
 from llmlab_fixtures.providers import BackendSettings, Provider, create_provider
 from llmlab_fixtures.specs import ModelSpec
-from llmlab_fixtures.storage import ItemWriter, part_path
+from llmlab_fixtures.storage import PARTS_DIR, ItemWriter, atomic_write_text, part_path
 from llmlab_fixtures.summary import TaskSummary, summarize
 from llmlab_fixtures.tasks import get_task
 
@@ -28,12 +31,18 @@ def worker_id() -> str:
     return os.environ.get("PYTEST_XDIST_WORKER", "main")
 
 
-def default_threads() -> int:
-    """Physical cores split evenly between xdist workers, so threads never oversubscribe the CPU."""
+def default_threads(in_process_models: int | None = None) -> int:
+    """Physical cores (within this process's CPU affinity) split evenly between the xdist workers that run an
+    in-process model: each model is pinned to one worker, so ``-n auto`` with one model keeps every core busy
+    and threads never oversubscribe the CPU."""
     import psutil
 
     cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    if hasattr(os, "sched_getaffinity"):
+        cores = min(cores, len(os.sched_getaffinity(0)))
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    if in_process_models:
+        workers = min(workers, in_process_models)
     return max(1, cores // max(1, workers))
 
 
@@ -42,7 +51,9 @@ def backend_settings(config: RunConfig, threads: int | None = None) -> BackendSe
     return BackendSettings(threads=threads, gpu_layers=config.gpu_layers, seed=config.seed,
                            model_dirs=config.model_dirs, device=config.device, batch_size=config.batch_size,
                            request_timeout=config.request_timeout, max_retries=config.max_retries,
-                           concurrency=config.concurrency, max_memory=config.max_memory)
+                           concurrency=config.concurrency, max_memory=config.max_memory, n_ctx=config.ctx_size,
+                           dtype=config.dtype, quantization=config.quantization,
+                           preferred_quantization=config.preferred_quantization)
 
 
 def run_scoring(config: RunConfig) -> str:
@@ -62,15 +73,61 @@ class LoadedModel:
     fingerprint: str | None = None  # checkpoint key of the weights and numerics (computed on first use)
 
 
+def rss_bytes() -> int:
+    """This process's resident memory."""
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
 def load_model(spec: ModelSpec, config: RunConfig) -> LoadedModel:
-    """Create and initialise the provider for ``spec`` (the session fixture calls this once per worker)."""
-    settings = backend_settings(config, threads=config.threads or default_threads())
+    """Create and initialise the provider for ``spec`` (the session fixture calls this once per worker).
+
+    The load record keeps the process RSS before and after loading (``unload_model`` adds it after closing).
+    """
+    in_process = sum(m.backend in LOGLIK_BACKENDS for m in config.models)
+    settings = backend_settings(config, threads=config.threads or default_threads(in_process))
     provider = create_provider(spec, settings)
+    rss_before = rss_bytes()
     started = time.perf_counter()
     provider.initialize()
     load = {"load_id": uuid.uuid4().hex[:12], "worker": worker_id(), "pid": os.getpid(),
-            "load_s": round(time.perf_counter() - started, 3), "threads": settings.threads}
+            "load_s": round(time.perf_counter() - started, 3), "threads": settings.threads,
+            "loaded_at": round(time.time(), 6), "rss_before_load": rss_before, "rss_after_load": rss_bytes()}
+    if notice := getattr(provider, "notice", None):  # e.g. GPU offload failed, loaded on the CPU
+        load["notice"] = notice
+        warnings.warn(f"{spec.label}: {notice}", RuntimeWarning, stacklevel=2)
     return LoadedModel(spec, provider, load)
+
+
+def unload_path(output_dir: Path, load_id: str) -> Path:
+    """Where a worker records a model's unload (merged into results.json's model_loads)."""
+    return output_dir / PARTS_DIR / "unloads" / f"{load_id}.json"
+
+
+def unload_model(model: LoadedModel, config: RunConfig) -> dict[str, Any]:
+    """Close the model, free what Python still holds of it, and record the RSS after closing."""
+    import gc
+    import json
+
+    model.provider.close()
+    gc.collect()
+    record = {"unloaded_at": round(time.time(), 6), "rss_after_close": rss_bytes()}
+    if "rss_after_load" in model.load:
+        record["rss_released"] = model.load["rss_after_load"] - record["rss_after_close"]
+    model.load.update(record)
+    if model.load.get("load_id"):
+        atomic_write_text(unload_path(config.output_dir, model.load["load_id"]), json.dumps(record))
+    return record
+
+
+def merge_unloads(summaries: Sequence[TaskSummary], output_dir: Path) -> None:
+    """Add each load's unload record (left by the worker that closed it) to the summaries' load info."""
+    import json
+
+    for summary in summaries:
+        if summary.load and (path := unload_path(output_dir, summary.load.get("load_id", ""))).is_file():
+            summary.load.update(json.loads(path.read_text(encoding="utf-8")))
 
 
 class BenchSession:
@@ -127,17 +184,26 @@ class BenchSession:
         checkpoint = self._checkpoint(task.name, model)
         writer = ItemWriter(config.output_dir / relative)
         started = time.perf_counter()
+        info = asdict(model.provider.get_model_info())
+        # a loopback server burns its CPU in another process: estimate from every process's CPU time then
+        scope = "machine" if str(info.get("data_location", "")).startswith("loopback") else "process"
+        watts = config.cost.cpu_watts if config.cost is not None else CostSettings().cpu_watts
         try:
-            run = evaluate(
-                task, model.provider, docs, model_name=label, fewshot_docs=fewshot_docs, scoring=self.scoring,
-                num_fewshot=config.num_fewshot, seed=config.seed, fixed_fewshot=config.fixed_fewshot,
-                on_item=writer.write, cache=checkpoint,
-                progress=lambda done, total: self._report_progress(f"{label} {task.name}", done, total, started),
-            )
+            with measure_energy(watts, scope=scope) as energy:
+                run = evaluate(
+                    task, model.provider, docs, model_name=label, fewshot_docs=fewshot_docs, scoring=self.scoring,
+                    num_fewshot=config.num_fewshot, seed=config.seed, fixed_fewshot=config.fixed_fewshot,
+                    on_item=writer.write, cache=checkpoint,
+                    progress=lambda done, total: self._report_progress(f"{label} {task.name}", done, total, started),
+                )
         finally:
             writer.close()
         resumed = checkpoint.resumed if checkpoint else 0
         info = asdict(model.provider.get_model_info())
-        return summarize(run, data_location=info.get("data_location", "in-process"), model_info=info,
-                         load=model.load, primary_metric=task.primary_metric_for(run.scoring),
-                         items_file=str(relative), n_resumed=resumed)
+        summary = summarize(run, data_location=info.get("data_location", "in-process"), model_info=info,
+                            load=model.load, primary_metric=task.primary_metric_for(run.scoring),
+                            items_file=str(relative), n_resumed=resumed)
+        summary.energy_cpu_j, summary.energy_gpu_j = energy.cpu_j, energy.gpu_j
+        summary.energy_source = energy.cpu_source + (f" + {energy.gpu_source}" if energy.gpu_source else "")
+        summary.cpu_s = round(energy.cpu_s, 3)
+        return summary

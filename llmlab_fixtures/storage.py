@@ -14,8 +14,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from llmlab_fixtures.paired import PairedComparison, compare_pairs, read_items
+from llmlab_fixtures.comparison import Report, build_report, markdown_sections
+from llmlab_fixtures.cost import CostSettings, genai_prices_version
+from llmlab_fixtures.paired import PairedComparison, read_items
 from llmlab_fixtures.records import ItemRecord
+from llmlab_fixtures.speed import SpeedFigure
 from llmlab_fixtures.summary import SUMMARY_COLUMNS, TaskSummary
 from llmlab_fixtures.table import markdown_report
 
@@ -59,12 +62,29 @@ def part_path(output_dir: Path, worker: str, model: str, dataset: str) -> Path:
     return output_dir / PARTS_DIR / worker / f"{safe}.jsonl"
 
 
-def summary_csv(summaries: Sequence[TaskSummary]) -> str:
+def summary_csv(summaries: Sequence[TaskSummary], report: Report | None = None) -> str:
+    """summary.csv: a row per (model, dataset, metric), with the task's cost figures when a report is given."""
+    costs = {(r.model, r.dataset): r for r in report.rows} if report else {}
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for summary in summaries:
-        writer.writerows(summary.rows())
+        row = costs.get((summary.model, summary.dataset))
+        extra = {} if row is None else {"cost_usd": row.cost.cost_usd, "cost_per_1k_tokens": row.cost.per_1k_tokens,
+                                        "cost_per_1k_items": row.cost.per_1k_items, "cost_note": row.cost.note,
+                                        "pareto_front": row.pareto}
+        writer.writerows({**r, **extra} for r in summary.rows())
+    return buffer.getvalue()
+
+
+def paired_csv(report: Report) -> str:
+    """paired.csv: every pair of models on shared items, with the exact McNemar p-value."""
+    columns = ["dataset", "model_a", "model_b", "n", "same_prediction", "both_correct", "only_a", "only_b",
+               "agreement", "mcnemar_p", "significant", "verdict"]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(p.to_json() for p in [*report.pairs, *report.overall_pairs])
     return buffer.getvalue()
 
 
@@ -89,7 +109,16 @@ def machine() -> dict[str, Any]:
         "physical_cores": psutil.cpu_count(logical=False),
         "logical_cores": psutil.cpu_count(logical=True),
         "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        **gpu_section(),
     }
+
+
+def gpu_section() -> dict[str, Any]:
+    """GPUs and llama.cpp offload support (torch is asked only if this process imported it)."""
+    from llmlab_fixtures.resources import system_info
+
+    info = system_info()
+    return {k: info[k] for k in ("gpus", "llama_cpp_gpu_offload", "torch") if k in info}
 
 
 def model_loads(summaries: Iterable[TaskSummary]) -> dict[str, list[dict[str, Any]]]:
@@ -113,31 +142,64 @@ def merge_items(output_dir: Path, summaries: Sequence[TaskSummary]) -> Path:
 
 
 def write_results(output_dir: Path, summaries: Sequence[TaskSummary], *, formats: Sequence[str],
-                  config: dict[str, Any], notes: Sequence[str] = ()) -> tuple[list[Path], list[PairedComparison]]:
+                  config: dict[str, Any], notes: Sequence[str] = (),
+                  cost: CostSettings | None = None) -> tuple[list[Path], list[PairedComparison]]:
     """Write the results directory; returns the files written and the model-against-model comparisons."""
+    written, report = write_run(output_dir, summaries, formats=formats, config=config, notes=notes, cost=cost)
+    return written, report.pairs
+
+
+def write_run(output_dir: Path, summaries: Sequence[TaskSummary], *, formats: Sequence[str], config: dict[str, Any],
+              notes: Sequence[str] = (), cost: CostSettings | None = None,
+              speeds: Sequence[SpeedFigure] = ()) -> tuple[list[Path], Report]:
+    """Merge the items, build the comparison report and write every requested format plus report.html."""
     output_dir.mkdir(parents=True, exist_ok=True)
     written = [merge_items(output_dir, summaries)]
-    comparisons = compare_pairs(read_items(written[0]), list(dict.fromkeys(s.model for s in summaries)))
+    report = build_report(summaries, read_items(written[0]), cost, notes, speeds=speeds)
+    document = results_document(report, config)
+    written += write_report_files(output_dir, report, formats, document)
+    return written, report
+
+
+def results_document(report: Report, config: dict[str, Any]) -> dict[str, Any]:
+    """results.json: configuration, versions, machine, models, summaries, comparison, costs and notes."""
+    summaries = report.summaries
+    return {
+        "config": config,
+        "versions": {**versions(), "genai-prices": genai_prices_version()},
+        "machine": machine(),
+        "models": {s.model: s.model_info for s in summaries},
+        "model_loads": model_loads(summaries),
+        "summary": [s.to_json() for s in summaries],
+        "paired": [asdict(c) for c in report.pairs],
+        "comparison": report.to_json(),
+        "notes": list(report.notes),
+    }
+
+
+def write_report_files(output_dir: Path, report: Report, formats: Sequence[str],
+                       document: dict[str, Any] | None) -> list[Path]:
+    """summary.csv + paired.csv, summary.md, results.json (when ``document`` is given), report.html: as requested."""
+    from llmlab_fixtures.html_report import standalone_html
+
+    written = []
     if "csv" in formats:
         written.append(output_dir / "summary.csv")
-        atomic_write_text(written[-1], summary_csv(summaries))
+        atomic_write_text(written[-1], summary_csv(report.summaries, report))
+        if report.pairs:
+            written.append(output_dir / "paired.csv")
+            atomic_write_text(written[-1], paired_csv(report))
     if "markdown" in formats:
         written.append(output_dir / "summary.md")
-        atomic_write_text(written[-1], markdown_report(summaries, "llmlab results", notes, comparisons))
-    if "json" in formats:
+        text = markdown_report(report.summaries, report.title, report.notes, report.pairs, report.speeds)
+        atomic_write_text(written[-1], text + "\n".join(markdown_sections(report)) + "\n")
+    if "json" in formats and document is not None:
         written.append(output_dir / "results.json")
-        document = {
-            "config": config,
-            "versions": versions(),
-            "machine": machine(),
-            "models": {s.model: s.model_info for s in summaries},
-            "model_loads": model_loads(summaries),
-            "summary": [s.to_json() for s in summaries],
-            "paired": [asdict(c) for c in comparisons],
-            "notes": list(notes),
-        }
         atomic_write_text(written[-1], json.dumps(document, indent=2, ensure_ascii=False) + "\n")
-    return written, comparisons
+    if "html" in formats:
+        written.append(output_dir / "report.html")
+        atomic_write_text(written[-1], standalone_html(report))
+    return written
 
 
 def remove_parts(output_dir: Path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import resource
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from llmlab_fixtures.records import TaskRun
@@ -15,7 +15,9 @@ SUMMARY_COLUMNS = (
     "scoring", "num_fewshot",
     "prompt_version", "wall_s", "items_per_s", "tokens_per_s", "evaluated_tokens_per_s", "latency_p50_s",
     "latency_p95_s", "ttft_p50_s", "prompt_tokens", "completion_tokens", "evaluated_tokens", "peak_rss_mb",
-    "data_location",
+    "data_location", "energy_cpu_j", "energy_gpu_j", "energy_source",
+    # filled in by the results writer (cost.py): cost of this (model, dataset) and how it was made
+    "cost_usd", "cost_per_1k_tokens", "cost_per_1k_items", "cost_note", "pareto_front",
 )
 
 
@@ -65,13 +67,25 @@ class TaskSummary:
     load: dict[str, Any] = field(default_factory=dict)  # which worker/process loaded the model, and how long it took
     items_file: str | None = None
     n_resumed: int = 0  # items taken from the checkpoint of an earlier, interrupted run
+    energy_cpu_j: float | None = None  # energy of the evaluation (energy.measure_energy); None in older results
+    energy_gpu_j: float | None = None
+    energy_source: str | None = None  # which meter measured it (RAPL, NVML, or the CPU-time estimate)
+    cpu_s: float | None = None  # CPU seconds the evaluation used
+
+    @property
+    def energy_j(self) -> float | None:
+        """CPU plus GPU joules of the evaluation, or None when not measured."""
+        if self.energy_cpu_j is None and self.energy_gpu_j is None:
+            return None
+        return (self.energy_cpu_j or 0.0) + (self.energy_gpu_j or 0.0)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> TaskSummary:
-        return cls(**data)
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
 
     def rows(self) -> list[dict[str, Any]]:
         """One summary.csv row per metric."""

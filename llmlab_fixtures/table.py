@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from llmlab_fixtures.speed import SpeedFigure, speed_cells
 from llmlab_fixtures.summary import TaskSummary
 
 if TYPE_CHECKING:
@@ -37,9 +38,11 @@ def text_grid(header: Sequence[str], rows: Sequence[Sequence[str]], markdown: bo
     return [lines[0], "-" * len(lines[0]), *lines[1:]] if rule else lines
 
 
-def comparison_table(summaries: Sequence[TaskSummary], markdown: bool = False) -> list[str]:
-    """Datasets × models: each cell is the dataset's primary metric ± stderr, and items/s."""
-    models = list(dict.fromkeys(s.model for s in summaries))
+def comparison_table(summaries: Sequence[TaskSummary], markdown: bool = False,
+                     speeds: Sequence[SpeedFigure] = ()) -> list[str]:
+    """Datasets × models: each cell is the dataset's primary metric ± stderr, and items/s; then the llama-bench
+    style speed rows (pp512, tg128, ttft) when the speed module ran."""
+    models = list(dict.fromkeys([*(s.model for s in summaries), *(f.model for f in speeds)]))
     datasets = list(dict.fromkeys(s.dataset for s in summaries))
     by_key = {(s.model, s.dataset): s for s in summaries}
     rows = []
@@ -57,8 +60,9 @@ def comparison_table(summaries: Sequence[TaskSummary], markdown: bool = False) -
             errors += f", {s.n_resumed} resumed" if s.n_resumed else ""
             cells.append(f"{_fmt(metric['value'])} ± {_fmt(metric['stderr'])} ({_fmt(s.items_per_s, 1)} it/s{errors})")
         rows.append(cells)
-    locations = {s.model: s.data_location for s in summaries}
-    rows.append(["data sent to", *(locations[m] for m in models)])
+    rows += speed_cells(speeds, models)
+    locations = {f.model: f.data_location for f in speeds} | {s.model: s.data_location for s in summaries}
+    rows.append(["data sent to", *(locations.get(m, "-") for m in models)])
     return text_grid(["dataset (metric)", *models], rows, markdown)
 
 
@@ -99,10 +103,10 @@ def agreement_table(comparisons: Sequence[PairedComparison], markdown: bool = Fa
 
 
 def markdown_report(summaries: Sequence[TaskSummary], title: str, notes: Sequence[str] = (),
-                    comparisons: Sequence[PairedComparison] = ()) -> str:
+                    comparisons: Sequence[PairedComparison] = (), speeds: Sequence[SpeedFigure] = ()) -> str:
     """summary.md: the comparison table, the detail table, item-by-item agreement and the run's notes."""
     lines = [f"# {title}", "", "## Comparison (primary metric ± stderr, items/s)", ""]
-    lines += comparison_table(summaries, markdown=True)
+    lines += comparison_table(summaries, markdown=True, speeds=speeds)
     lines += ["", "## All metrics", ""]
     lines += detail_table(summaries, markdown=True)
     if comparisons:

@@ -54,3 +54,20 @@ def test_a_bad_dataset_file_fails_its_test_with_one_line(bench_pytester: pytest.
     expected = line.format(file=mirror / "gsm8k" / "test.jsonl")
     assert expected in result.stdout.lines
     assert "Traceback" not in result.stdout.str()
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (["--preset=fast"], "ERROR: --preset must be one of performance, quality, memory, got 'fast'"),
+        (["--gpu-layers=most"], "ERROR: --gpu-layers must be a whole number >= -1 or auto, got 'most'"),
+        (["--dtype=int8"], "ERROR: --dtype must be one of auto, float32, float16, bfloat16, got 'int8'"),
+        (["--ctx-size=8"], "ERROR: --ctx-size must be at least 16, got 8"),
+        (["--quantization=Q3_K_S"], "ERROR: model 'smollm2-135m' has no Q3_K_S GGUF; available: Q4_1"),
+    ],
+    ids=["preset", "gpu-layers", "dtype", "ctx-size", "quantization"],
+)
+def test_a_bad_resource_option_is_one_line(pytester: pytest.Pytester, args: list[str], line: str) -> None:
+    result = pytester.runpytest_subprocess("--models=local:smollm2-135m", *args, "-p", "no:cacheprovider")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert result.stderr.str().strip() == line

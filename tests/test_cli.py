@@ -46,7 +46,9 @@ def test_embedded_models_are_available_and_the_rest_downloadable() -> None:
     assert "available: " in rows["smollm2-135m"] and "Q4_1" in rows["smollm2-135m"]
     assert "available: " in rows["gemma3-270m"] and "MiB" in rows["gemma3-270m"].split("available")[0]
     for alias in ("pythia-70m", "pythia-160m", "smollm-135m", "smollm-360m", "qwen-0.5b", "llama3.2-1b", "gpt-oss-20b"):
-        assert "downloadable: `huggingface-cli download" in rows[alias], rows[alias]
+        assert f"downloadable: `llmlab download {alias}`" in rows[alias], rows[alias]
+        size, memory = rows[alias].split()[3], rows[alias].split()[6]
+        assert size != "-" and memory.startswith("~"), rows[alias]
     assert rows["gpt-4o-mini"].endswith("cloud API (openai)")
 
 

@@ -292,7 +292,7 @@ def test_gemma_assembly_sha_checked_idempotent_and_concurrent(tmp_path: Path, mo
         paths = list(pool.map(embedded_gguf, [GEMMA3_270M] * 2, [cache] * 2))
     target = cache / "models" / "gemma-3-270m-q4_k_m.gguf"
     assert paths == [target] * 2
-    assert embedded._sha256_file(target) == pkg.EXPECTED_SHA256.lower()
+    assert embedded.sha256_file(target) == pkg.EXPECTED_SHA256.lower()
     assert sorted(p.name for p in target.parent.iterdir() if ".tmp" in p.name) == []
     mtime = target.stat().st_mtime_ns
 
@@ -300,7 +300,7 @@ def test_gemma_assembly_sha_checked_idempotent_and_concurrent(tmp_path: Path, mo
         raise AssertionError("re-hashed or re-assembled a verified file")
 
     with monkeypatch.context() as m:
-        m.setattr(embedded, "_sha256_file", boom)
+        m.setattr(embedded, "sha256_file", boom)
         m.setattr(embedded, "_concatenate_checked", boom)
         assert embedded_gguf(GEMMA3_270M, cache_dir=cache) == target  # marker says verified
     assert target.stat().st_mtime_ns == mtime
@@ -309,7 +309,7 @@ def test_gemma_assembly_sha_checked_idempotent_and_concurrent(tmp_path: Path, mo
         fh.seek(1000)
         fh.write(b"\xff" * 16)
     assert embedded_gguf(GEMMA3_270M, cache_dir=cache) == target
-    assert embedded._sha256_file(target) == pkg.EXPECTED_SHA256.lower()
+    assert embedded.sha256_file(target) == pkg.EXPECTED_SHA256.lower()
 
     bad = tmp_path / "bad"
     monkeypatch.setattr(pkg, "EXPECTED_SHA256", "0" * 64)

@@ -27,7 +27,8 @@ def test_one_model_one_dataset_writes_the_results_directory(bench_pytester: pyte
     result.assert_outcomes(passed=1, deselected=6)
     result.stdout.fnmatch_lines(["*llmlab comparison (loglik scoring)*", f"dataset (metric)*{SMOLLM}*",
                                  "arc_challenge (acc_norm)*it/s*", "results: *items.jsonl*"])
-    assert sorted(p.name for p in out.iterdir()) == ["items.jsonl", "results.json", "summary.csv", "summary.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["items.jsonl", "report.html", "results.json", "summary.csv",
+                                                     "summary.md"]
     items = _items(out)
     rows = (data_dir / "arc" / "ARC-Challenge" / "test.jsonl").read_text().splitlines()[:4]
     assert [i["item_id"] for i in items] == [json.loads(row)["id"] for row in rows]
@@ -93,7 +94,8 @@ def test_xdist_gives_identical_results_and_loads_each_model_once(bench_pytester:
         (["--models=local:smolm2-135m"], "ERROR: unknown model 'smolm2-135m': did you mean smollm2-135m?*"),
         (["--models=local:qwen-0.5b"], "ERROR: model 'qwen-0.5b' is not available locally; get it with*"),
         (["--data-dir=/nonexistent/data"], "ERROR: data directory /nonexistent/data does not exist;*"),
-        (["--export-format=xlsx"], "ERROR: --export-format: unknown format xlsx; choose among csv, json, markdown"),
+        (["--export-format=xlsx"],
+         "ERROR: --export-format: unknown format xlsx; choose among csv, json, markdown, html"),
         (["--limit=-3"], "ERROR: --limit must be at least 1, got -3"),
         (["--scoring=vibes"], "ERROR: --scoring must be one of auto, loglik, generate, got 'vibes'"),
         (["--max-memory=lots"], "ERROR: --max-memory must be a size such as 8GB or 512MiB, got 'lots'"),

@@ -11,6 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from llmlab_fixtures.collect import ResultCollector, merge_summaries, summary_property
+from llmlab_fixtures.comparison import build_report
+from llmlab_fixtures.paired import read_items
 from llmlab_fixtures.records import ItemRecord, MetricValue, TaskRun
 from llmlab_fixtures.storage import atomic_write_text, summary_csv, write_results
 from llmlab_fixtures.summary import SUMMARY_COLUMNS, TaskSummary, percentile, summarize
@@ -58,8 +60,9 @@ def test_write_results_contract(tmp_path: Path) -> None:
     part.parent.mkdir(parents=True)
     part.write_text('{"item_id": "x"}\n')
     summaries[0].items_file = "parts/main/a.jsonl"
-    written, _ = write_results(tmp_path, summaries, formats=("csv", "json", "markdown"), config={"limit": 4})
-    assert [p.name for p in written] == ["items.jsonl", "summary.csv", "summary.md", "results.json"]
+    written, _ = write_results(tmp_path, summaries, formats=("csv", "json", "markdown", "html"),
+                               config={"limit": 4})
+    assert [p.name for p in written] == ["items.jsonl", "summary.csv", "summary.md", "results.json", "report.html"]
     assert (tmp_path / "items.jsonl").read_text() == '{"item_id": "x"}\n'
     with (tmp_path / "summary.csv").open() as handle:
         reader = csv.DictReader(handle)
@@ -70,7 +73,9 @@ def test_write_results_contract(tmp_path: Path) -> None:
     assert document["model_loads"] == {"llama-cpp:a": [{"load_id": "llama-cpp:a"}]}
     assert document["versions"]["llama_cpp_python"]
     assert "| arc_challenge (acc) | 0.250 ± 0.100 (2.0 it/s) |" in (tmp_path / "summary.md").read_text()
-    assert summary_csv(summaries) == (tmp_path / "summary.csv").read_text()
+    report = build_report(summaries, read_items(tmp_path / "items.jsonl"))
+    assert summary_csv(summaries, report) == (tmp_path / "summary.csv").read_text()
+    assert row["cost_note"].startswith("n/a: this run recorded no energy")  # a summary without energy figures
 
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path: Path) -> None:

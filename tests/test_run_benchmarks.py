@@ -21,7 +21,7 @@ def test_old_command_line_runs_truthfulness(tmp_path: Path, data_dir: Path) -> N
                 "--output-dir", str(out), "--export-format", "markdown", "--include-cost-analysis", cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "2 passed" in done.stdout
-    assert "--include-cost-analysis is accepted" in done.stderr
+    assert "total cost of ownership at 100,000,000 tokens/month" in done.stdout  # --include-cost-analysis
     assert sorted(p.name for p in out.iterdir()) == ["items.jsonl", "summary.md"]
     again = _run("--model", "smollm2-135m", "--dataset", "truthfulness", "--limit", "3", "--data-dir", str(data_dir),
                  "--output-dir", str(tmp_path / "again"), "--export-format", "json", cwd=tmp_path)

@@ -46,6 +46,16 @@ def spec(raw: str) -> ModelSpec:
 
 
 @contextmanager
+def prefix_sharing(provider: TransformersProvider, on: bool) -> Iterator[None]:
+    saved = provider.share_prefix
+    provider.share_prefix = on
+    try:
+        yield
+    finally:
+        provider.share_prefix = saved
+
+
+@contextmanager
 def batch_size(provider: TransformersProvider, size: int | None) -> Iterator[None]:
     saved = provider.batch_size
     provider.batch_size = size
@@ -238,11 +248,12 @@ def test_batched_loglikelihood_equals_one_row_at_a_time(tf_smollm: TransformersP
     requests = [r for reqs, _ in mc_items(data_dir, "arc_challenge", 2) for r in reqs]
     requests += [r for reqs, _ in mc_items(data_dir, "hellaswag", 2) for r in reqs]
     random.Random(7).shuffle(requests)
-    batched = tf_smollm.loglikelihood(requests)  # auto: one forward pass here
-    with batch_size(tf_smollm, 3):
-        threes = tf_smollm.loglikelihood(requests)
-    with batch_size(tf_smollm, 1):
-        single = [tf_smollm.loglikelihood([r])[0] for r in requests]  # ground truth for the order, too
+    with prefix_sharing(tf_smollm, False):
+        batched = tf_smollm.loglikelihood(requests)  # auto: one forward pass here
+        with batch_size(tf_smollm, 3):
+            threes = tf_smollm.loglikelihood(requests)
+        with batch_size(tf_smollm, 1):
+            single = [tf_smollm.loglikelihood([r])[0] for r in requests]  # ground truth for the order, too
     assert len(batched) == len(threes) == len(single) == len(requests)
     for a, b, c, req in zip(batched, threes, single, requests):
         assert a.logprob == pytest.approx(c.logprob, abs=BATCH_TOL) and b.logprob == pytest.approx(c.logprob,
@@ -254,6 +265,60 @@ def test_batched_loglikelihood_equals_one_row_at_a_time(tf_smollm: TransformersP
                                                                                  len(ctx) + len(cont) - 1)
     worst = max(abs(a.logprob - c.logprob) for a, c in zip(batched, single))
     print(f"\nbatched vs one row per pass: max |Δ logprob| = {worst:.2e} over {len(requests)} requests")
+
+
+def test_shared_prefixes_match_scratch(tf_smollm: TransformersProvider, data_dir: Path) -> None:
+    """An item's context and, across items, TruthfulQA's primer and MMLU's few-shot block run once: same scores."""
+    mmlu = get_task("mmlu")
+    shots = ExemplarSampler(mmlu, load_docs(mmlu, data_dir, split="dev"), 5)
+    items = [reqs for reqs, _ in mc_items(data_dir, "truthfulqa_mc2", 3)]
+    items += [loglikelihood_requests(mmlu, doc, shots.exemplars(doc)) for doc in load_docs(mmlu, data_dir)[:3]]
+    with prefix_sharing(tf_smollm, False):
+        scratch = [tf_smollm.loglikelihood(reqs) for reqs in items]
+    tf_smollm._prefix = None
+    shared = [tf_smollm.loglikelihood(reqs) for reqs in items]  # one call per item, as the evaluator makes them
+    assert tf_smollm.share_prefix
+    for got, want in zip(shared, scratch):
+        assert [r.logprob for r in got] == pytest.approx([r.logprob for r in want], abs=BATCH_TOL)
+        assert [r.is_greedy for r in got] == [r.is_greedy for r in want]
+        assert [(r.context_tokens, r.continuation_tokens) for r in got] == [
+            (r.context_tokens, r.continuation_tokens) for r in want]
+    evaluated = [sum(r.evaluated_tokens for r in got) for got in shared]
+    full = [sum(r.evaluated_tokens for r in want) for want in scratch]
+    primer = len(tf_smollm.tokenize(items[0][0].context.rsplit("\n\nQ:", 1)[0]))  # TruthfulQA's six-question primer
+    assert evaluated[1] <= max(r.context_tokens for r in shared[1]) - primer + sum(
+        r.continuation_tokens for r in shared[1])  # the second item reuses the primer and its own context
+    fewshot = len(tf_smollm.tokenize(items[3][0].context.rsplit("\n\n", 1)[0]))  # MMLU description + 5 shots
+    assert evaluated[4] < full[4] - fewshot
+    print(f"\ntokens evaluated per item, shared vs scratch: {evaluated} vs {full}")
+
+
+def test_items_scored_together_match_one_at_a_time(tf_smollm: TransformersProvider, data_dir: Path) -> None:
+    """The evaluator's multi-item calls (contexts batched, shared prefix cached) give each item's scratch scores."""
+    from llmlab_fixtures.evaluator import evaluate
+
+    saved = tf_smollm.loglik_items_per_call
+    mmlu, hellaswag = get_task("mmlu"), get_task("hellaswag")
+    cases = [(hellaswag, load_docs(hellaswag, data_dir)[:6], None, 0),  # no shared prefix: contexts batched
+             (mmlu, load_docs(mmlu, data_dir)[97:103], load_docs(mmlu, data_dir, split="dev"), 5)]  # subject change
+    try:
+        for task, docs, fewshot, shots in cases:
+            runs = []
+            for window, share in ((4, True), (1, False)):
+                tf_smollm.loglik_items_per_call, tf_smollm._prefix = window, None
+                with prefix_sharing(tf_smollm, share):
+                    runs.append(evaluate(task, tf_smollm, docs, model_name="t", fewshot_docs=fewshot,
+                                         scoring="loglik", num_fewshot=shots))
+            together, alone = runs
+            assert not any(r.error for r in together.items)
+            for a, b in zip(together.items, alone.items):
+                assert a.loglikelihoods == pytest.approx(b.loglikelihoods, abs=BATCH_TOL)
+                assert (a.item_id, a.prediction, a.prompt_tokens) == (b.item_id, b.prediction, b.prompt_tokens)
+            evaluated = [sum(r.evaluated_tokens for r in run.items) for run in runs]
+            assert evaluated[0] < evaluated[1]
+            print(f"\n{task.name}: tokens evaluated, items together vs alone from scratch: {evaluated}")
+    finally:
+        tf_smollm.loglik_items_per_call = saved
 
 
 def test_long_requests_are_truncated_from_the_left(tf_smollm: TransformersProvider) -> None:
@@ -389,7 +454,8 @@ def test_check_spec_repo_not_in_cache_names_the_fix() -> None:
         create_provider(spec("transformers:pythia-70m"), SETTINGS)
     assert str(info.value) == (
         "model 'pythia-70m' is not available locally for transformers; get it with "
-        "`huggingface-cli download EleutherAI/pythia-70m-deduped` and use transformers:pythia-70m"
+        "`llmlab download pythia-70m` and use transformers:pythia-70m; or "
+        "`huggingface-cli download EleutherAI/pythia-70m-deduped`"
     )
 
 

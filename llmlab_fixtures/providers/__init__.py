@@ -51,7 +51,7 @@ class BackendSettings:
     """Run-wide knobs every backend receives (each uses the ones that apply to it)."""
 
     threads: int | None = None
-    gpu_layers: int = 0  # llama.cpp n_gpu_layers / Ollama num_gpu; -1 = all layers
+    gpu_layers: int | None = 0  # llama.cpp n_gpu_layers / Ollama num_gpu; -1 = all layers; None = auto (fit VRAM)
     seed: int = 1234
     model_dirs: tuple[Path, ...] = ()
     device: str = "auto"  # transformers: auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps
@@ -60,6 +60,10 @@ class BackendSettings:
     max_retries: int = 4  # cloud: retries on 429/5xx/timeouts, with exponential backoff
     concurrency: int = 4  # cloud: requests in flight per model
     max_memory: int | None = None  # bytes an in-process model may take; None = the RAM available now
+    n_ctx: int | None = None  # llama.cpp context / transformers max length; None = the backend's default
+    dtype: str = "auto"  # transformers weights: auto, float32, float16, bfloat16
+    quantization: str | None = None  # GGUF file by quantization (--quantization: a model without it is skipped)
+    preferred_quantization: str | None = None  # from a preset: used where a model has it, else its default file
 
 
 def _backend_module(spec: ModelSpec) -> ModuleType:

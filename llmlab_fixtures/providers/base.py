@@ -68,12 +68,17 @@ class LoglikelihoodUnsupported(NotImplementedError):
     """The backend returns no prompt log-probabilities; score multiple choice by generation instead."""
 
 
+class SpeedProbeUnsupported(NotImplementedError):
+    """The backend cannot time raw prompt processing or token generation (servers and cloud APIs)."""
+
+
 class Provider(ABC):
     """A loaded model behind one backend. Load once, score many items, close."""
 
     backend: str = "abstract"
     supports_loglikelihood: bool = False
     max_concurrency: int = 1  # items the evaluator may score at once (cloud APIs: > 1; in-process models: 1)
+    loglik_items_per_call: int = 1  # items whose choices go in one loglikelihood() call (backends that batch)
 
     @abstractmethod
     def initialize(self) -> None:
@@ -94,6 +99,14 @@ class Provider(ABC):
     @abstractmethod
     def estimate_memory(self) -> int:
         """Bytes of RAM/VRAM the model needs once loaded (weights plus context cache)."""
+
+    def time_prompt(self, n_tokens: int) -> float:
+        """Seconds to run ``n_tokens`` prompt tokens from an empty cache (llama-bench's ppN)."""
+        raise SpeedProbeUnsupported(f"{self.backend} cannot time raw prompt processing (no in-process model)")
+
+    def time_generation(self, n_tokens: int) -> float:
+        """Seconds to generate ``n_tokens`` tokens one at a time after a one-token prompt (llama-bench's tgN)."""
+        raise SpeedProbeUnsupported(f"{self.backend} cannot time raw token generation (no in-process model)")
 
     def close(self) -> None:  # noqa: B027 - optional for backends that hold nothing
         """Release the model's memory or connections."""

@@ -24,7 +24,8 @@ from llmlab_fixtures.providers.base import (
     ModelInfo,
     Provider,
 )
-from llmlab_fixtures.providers.tokens import find_stop, split_context
+from llmlab_fixtures.providers.tokens import common_prefix_length, find_stop, probe_tokens, split_context
+from llmlab_fixtures.resources import load_with_cpu_fallback
 
 _SEQ = 0  # the single sequence id this provider uses
 _DEFAULT_MAX_CTX = 8192
@@ -64,14 +65,6 @@ def _last_llama_error() -> str:
         if "error" in line.lower():
             return f" (llama.cpp: {line})"
     return ""
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 def _logprob_and_greedy(row: np.ndarray, target: int) -> tuple[float, bool]:
@@ -128,6 +121,7 @@ class LlamaCppProvider(Provider):
         self._batch: Any = None
         self._meta: dict[str, Any] | None = None
         self._cached: list[int] = []  # tokens whose K/V sit in the cache at positions 0..len-1
+        self.notice: str | None = None  # set when GPU offload failed and the model was loaded on the CPU
         self.n_ctx = 0
         self.n_vocab = 0
         self.add_bos = False
@@ -152,10 +146,14 @@ class LlamaCppProvider(Provider):
         _quiet_llama_logs(lib)
         _LOG_LINES.clear()
         mparams = lib.llama_model_default_params()
-        mparams.n_gpu_layers = 0x7FFFFFFF if self.n_gpu_layers < 0 else self.n_gpu_layers
         if self.batch_invariant:
             mparams.use_extra_bufts = False  # no CPU weight repacking (see __init__)
-        self._model = lib.llama_model_load_from_file(str(self.model_path).encode(), mparams)
+
+        def load(layers: int) -> Any:
+            mparams.n_gpu_layers = 0x7FFFFFFF if layers < 0 else layers
+            return lib.llama_model_load_from_file(str(self.model_path).encode(), mparams)
+
+        self._model, self.n_gpu_layers, self.notice = load_with_cpu_fallback(load, self.n_gpu_layers)
         if not self._model:
             self._model = None
             raise ModelUnavailable(f"llama.cpp could not load {self.model_path}{_last_llama_error()}")
@@ -273,7 +271,7 @@ class LlamaCppProvider(Provider):
     def _keep_prefix(self, tokens: Sequence[int], limit: int) -> int:
         """Cut the cache back to its common prefix with ``tokens`` (at most ``limit``); return what was kept."""
         lib = self._lib
-        keep = min(_common_prefix(self._cached, tokens), limit) if self.reuse_prefix else 0
+        keep = min(common_prefix_length(self._cached, tokens), limit) if self.reuse_prefix else 0
         if keep == len(self._cached):
             return keep
         if keep == 0 or not lib.llama_memory_seq_rm(self._mem, _SEQ, keep, -1):
@@ -435,6 +433,36 @@ class LlamaCppProvider(Provider):
             extra={"stop_reason": reason, "reused_prompt_tokens": keep},
         )
 
+    # --- speed probes ------------------------------------------------------------------------------
+
+    def time_prompt(self, n_tokens: int) -> float:
+        """Seconds to decode ``n_tokens`` random tokens from an empty cache, logits for the last one only."""
+        self._require()
+        self.reset_cache()
+        tokens = probe_tokens(n_tokens, self.n_vocab)
+        started = time.perf_counter()
+        self._decode(tokens, [n_tokens - 1], lambda _pos, _row: None)
+        elapsed = time.perf_counter() - started
+        self.reset_cache()
+        return elapsed
+
+    def time_generation(self, n_tokens: int) -> float:
+        """Seconds for ``n_tokens`` single-token decodes, each feeding back the argmax (the first token not timed)."""
+        self._require()
+        self.reset_cache()
+        nxt: list[int] = []
+
+        def pick(_pos: int, row: np.ndarray) -> None:
+            nxt.append(int(np.argmax(row)))
+
+        self._decode([self._prefix_token], [0], pick)
+        started = time.perf_counter()
+        for _ in range(n_tokens):
+            self._decode([nxt.pop()], [len(self._cached)], pick)
+        elapsed = time.perf_counter() - started
+        self.reset_cache()
+        return elapsed
+
     # --- info --------------------------------------------------------------------------------
 
     def get_model_info(self) -> ModelInfo:
@@ -496,19 +524,26 @@ class LlamaCppProvider(Provider):
 def check_spec(spec: Any, settings: Any) -> None:
     """The GGUF for ``spec`` exists and has a valid header (no weights are loaded)."""
     from llmlab_fixtures.embedded import check_gguf_file
-    from llmlab_fixtures.model_files import resolve_gguf
+    from llmlab_fixtures.model_files import gguf_for_run
 
-    check_gguf_file(resolve_gguf(spec.entry, spec.target, settings.model_dirs))
+    check_gguf_file(gguf_for_run(spec.entry, spec.target, settings))
 
 
 def make_provider(spec: Any, settings: Any) -> LlamaCppProvider:
-    """A LlamaCppProvider for ``spec`` (a ModelSpec) with the run's BackendSettings."""
-    from llmlab_fixtures.model_files import resolve_gguf
+    """A LlamaCppProvider for ``spec`` (a ModelSpec) with the run's BackendSettings (gpu_layers None = auto)."""
+    from llmlab_fixtures.model_files import gguf_for_run
+    from llmlab_fixtures.resources import auto_gpu_layers, free_vram, llama_gpu_offload
 
+    path = gguf_for_run(spec.entry, spec.target, settings)
+    layers = settings.gpu_layers
+    if layers is None:
+        offload = llama_gpu_offload()
+        layers = auto_gpu_layers(gguf_metadata(path), free_vram() if offload else None, offload)
     return LlamaCppProvider(
-        model_path=resolve_gguf(spec.entry, spec.target, settings.model_dirs),
+        model_path=path,
         name=spec.label,
+        n_ctx=getattr(settings, "n_ctx", None),
         n_threads=settings.threads,
-        n_gpu_layers=settings.gpu_layers,
+        n_gpu_layers=layers,
         seed=settings.seed,
     )

@@ -4,7 +4,8 @@
   own variable; default ``https://api.openai.com/v1``) with the key in ``OPENAI_API_KEY``.
 - ``openai-compat:<base_url>#<model>`` sends the raw prompt to the legacy Completions endpoint
   (``POST <base_url>/completions``), which vLLM, llama.cpp's server, llama-cpp-python's server, LM Studio and
-  Ollama's ``/v1`` all serve; the model sees exactly the text the in-process backends score. The key is
+  Ollama's ``/v1`` all serve; the model sees exactly the text the in-process backends score (except behind Ollama's
+  ``/v1``, which wraps a completions prompt in the model's chat template, as its ``/api/generate`` does). The key is
   ``LLMLAB_OPENAI_COMPAT_API_KEY`` if set, else a placeholder: ``OPENAI_API_KEY`` is never sent to such a host.
 
 Both stream (time to first token), ask for usage with ``stream_options.include_usage`` (servers that ignore it,
@@ -96,7 +97,7 @@ def _check_compat_endpoint(spec: ModelSpec, settings: BackendSettings, key: ApiK
         raise ModelUnavailable(f"cannot reach {base_url}: start the server or fix the URL") from None
     served = [str(m.get("id")) for m in listing.get("data", []) if isinstance(m, dict) and m.get("id")] \
         if isinstance(listing, dict) and isinstance(listing.get("data"), list) else []
-    if served and spec.target not in served:
+    if served and spec.target not in served and f"{spec.target}:latest" not in served:  # Ollama lists name:tag
         raise ModelUnavailable(f"model {spec.label}: {base_url} does not serve {spec.target!r}; it serves "
                                f"{', '.join(served[:10])} (write openai-compat:{base_url}#<one of them>)")
 

@@ -23,7 +23,24 @@ def split_context(context: str, continuation: str, tokenize: Tokenize, prefix_to
     return ctx, whole[len(ctx):]
 
 
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` share."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
 def find_stop(text: str, stops: Sequence[str], scan_from: int = 0) -> int | None:
     """Where the earliest stop string starts in ``text`` (searching from ``scan_from``), or None."""
     hits = [i for s in stops if s and (i := text.find(s, scan_from)) >= 0]
     return min(hits) if hits else None
+
+
+def probe_tokens(n_tokens: int, vocab_size: int, seed: int = 0) -> list[int]:
+    """``n_tokens`` pseudo-random token ids for speed probes (llama-bench also times random tokens)."""
+    import random
+
+    rng = random.Random(seed)
+    return [rng.randrange(vocab_size) for _ in range(n_tokens)]

@@ -7,13 +7,15 @@ every load uses ``local_files_only=True``.
 
 from __future__ import annotations
 
+import copy
 import gc
 import importlib.util
+import inspect
 import json
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,7 @@ from llmlab_fixtures.providers.base import (
     ModelInfo,
     Provider,
 )
-from llmlab_fixtures.providers.tokens import find_stop, split_context
+from llmlab_fixtures.providers.tokens import common_prefix_length, find_stop, probe_tokens, split_context
 
 INSTALL_HINT = "pip install transformers gguf accelerate"
 AUTO_MAX_BATCH = 64  # rows per forward pass where auto batching starts (halved on out-of-memory)
@@ -254,6 +256,55 @@ class _Row:
     targets: list[int]  # the continuation tokens the last len(targets) positions predict
     context_tokens: int
     continuation_tokens: int
+    group: int = 0  # which cached context the row continues (see _Past)
+    context_extra: int = 0  # context tokens run for this row's group, counted as evaluated by this row
+
+    @property
+    def first_target(self) -> int:
+        """The first position whose logits are needed: a shared prefix must stop before it."""
+        return len(self.tokens) - len(self.targets)
+
+
+@dataclass
+class _Past:
+    """Cached contexts that rows continue: one cache row per group, its attention mask and its length."""
+
+    cache: Any  # a DynamicCache with one batch row per group
+    mask: Any  # (groups, cached length) long tensor: 1 for real tokens, 0 for padding between contexts
+    lengths: list[int]  # tokens of each group's context (position of the group's first suffix token)
+
+
+@dataclass
+class _Prefix:
+    """A batch-1 KV cache holding ``tokens``; ``new_tokens`` of them were run by the call that built it."""
+
+    tokens: list[int]
+    cache: Any
+    new_tokens: int
+
+
+def _cache_rows(cache: Any, rows: Any) -> Any:
+    """A cache holding ``cache``'s batch rows ``rows`` (repeats allowed); ``cache`` itself is left as it was."""
+    picked = copy.copy(cache)
+    picked.layers = [copy.copy(layer) for layer in cache.layers]
+    picked.batch_select_indices(rows)
+    return picked
+
+
+def _has_sliding_window(config: Any) -> bool:
+    """Whether some attention layers only see a window of recent tokens (Gemma 2/3, Mistral...)."""
+    text = getattr(config, "get_text_config", lambda: config)()
+    layer_types = getattr(text, "layer_types", None) or ()
+    return bool(getattr(text, "sliding_window", None)) and (not layer_types or "sliding_attention" in layer_types)
+
+
+def _shared_prefix_length(rows: Sequence[_Row]) -> int:
+    """Tokens every row starts with, stopping before any row's first predicted position (its logits are needed)."""
+    first = rows[0].tokens
+    shared = min(len(r.tokens) - len(r.targets) for r in rows)
+    for row in rows[1:]:
+        shared = min(shared, common_prefix_length(first, row.tokens))
+    return shared
 
 
 class _GenerationWatch:
@@ -317,6 +368,7 @@ class TransformersProvider(Provider):
 
     backend = "transformers"
     supports_loglikelihood = True
+    loglik_items_per_call = 16  # items per loglikelihood() call: their contexts run in one padded batch
 
     def __init__(
         self,
@@ -328,8 +380,11 @@ class TransformersProvider(Provider):
         threads: int | None = None,
         seed: int = 1234,
         max_length: int | None = None,
+        dtype: str = "auto",
+        share_prefix: bool = True,
     ) -> None:
         self.source = source
+        self.requested_dtype = dtype  # auto: choose_dtype() for the device
         self.name = name
         self.requested_device = device
         self.batch_size = batch_size  # None = auto
@@ -349,6 +404,9 @@ class TransformersProvider(Provider):
         self._tokenizer: Any = None
         self._meta: dict[str, Any] | None = None
         self._mask_logits = False  # the model's forward takes a boolean logits_to_keep mask (gathered logits)
+        self.share_prefix = share_prefix  # reuse the KV cache of shared prefixes (off for sliding-window models)
+        self._cache_kwarg = "past_key_values"  # the forward's KV cache argument ("cache" from transformers 5.2x)
+        self._prefix: _Prefix | None = None
 
     # --- lifecycle -------------------------------------------------------------------------------------
 
@@ -374,7 +432,10 @@ class TransformersProvider(Provider):
 
         arch = self.metadata.get("architecture") or self.metadata.get("model_type")
         self.device = resolve_device(self.requested_device)
-        self.dtype = choose_dtype(self.device, arch)
+        if not self.device.startswith("cpu"):
+            self.loglik_items_per_call = 64  # a GPU is launch-bound on one item's few rows: batch many items
+        self.dtype = choose_dtype(self.device, arch) if self.requested_dtype in ("auto", None) \
+            else getattr(torch, self.requested_dtype)
         if self.threads:
             torch.set_num_threads(self.threads)
         self._guarded(self._load_model)
@@ -425,6 +486,10 @@ class TransformersProvider(Provider):
         self._model = model.to(self.device).eval()
         module = sys.modules.get(type(self._model).__module__)
         self._mask_logits = module is not None and hasattr(module, "slice_logits_to_keep")
+        if "cache" in inspect.signature(self._model.forward).parameters:
+            self._cache_kwarg = "cache"
+        if _has_sliding_window(self._model.config):
+            self.share_prefix = False  # a sliding-window cache cannot be cut back to an arbitrary prefix
         self._setup_tokens()  # again: the model's config and generation config add end-of-generation ids
         config = self._model.config
         limit = next((getattr(config, k) for k in ("max_position_embeddings", "n_positions", "n_ctx")
@@ -463,6 +528,7 @@ class TransformersProvider(Provider):
     def close(self) -> None:
         """Drop the model and tokenizer and give their memory back (CUDA cache included)."""
         had_model = self._model is not None
+        self._prefix = None
         self._model = None
         self._tokenizer = None
         gc.collect()
@@ -500,10 +566,12 @@ class TransformersProvider(Provider):
     # --- log-likelihood ------------------------------------------------------------------------------
 
     def loglikelihood(self, requests: Sequence[LoglikelihoodRequest]) -> list[LoglikelihoodResult]:
-        """Sum of continuation log-probs per request, one right-padded forward pass per batch of rows.
+        """Sum of continuation log-probs per request, in right-padded batched forward passes.
 
-        Rows run longest first (an out-of-memory error shows on the first batch); results come back in the
-        order given. Each request is one row; requests sharing a context are not merged.
+        The token prefix every request shares (an item's context, and across calls a few-shot block or a fixed
+        primer) is run once into a KV cache that the next call reuses as far as it matches; each request then
+        runs only its own suffix. Rows run longest first (an out-of-memory error shows on the first batch);
+        results come back in the order given.
         """
         self._require()
         results: list[LoglikelihoodResult | None] = [None] * len(requests)
@@ -517,13 +585,20 @@ class TransformersProvider(Provider):
                 results[index] = LoglikelihoodResult(0.0, True, len(ctx), len(cont), 0)
                 continue
             rows.append(_Row(index, tokens, seq[len(seq) - n_cont :], len(ctx), len(cont)))
+        prefix: _Prefix | None = None
+        past: _Past | None = None
+        if rows and self.share_prefix:
+            shared = _shared_prefix_length(rows)
+            if shared > 0:
+                prefix = self._prefix_state(rows[0].tokens[:shared])
+            past, rows = self._group_contexts(rows, prefix, shared)
         rows.sort(key=lambda r: (-len(r.tokens), r.tokens))
         start = 0
         while start < len(rows):
             size = self._batch_rows(rows, start)
             batch = rows[start : start + size]
             try:
-                scored = self._score_batch(batch)
+                scored = self._score_batch(batch, past)
             except Exception as exc:
                 if not is_out_of_memory(exc):
                     raise
@@ -541,7 +616,71 @@ class TransformersProvider(Provider):
             for row, result in zip(batch, scored):
                 results[row.index] = result
             start += size
+        if prefix is not None and prefix.new_tokens:  # the shared prefix's cost goes to the first request
+            first = next(r for r in results if r is not None and r.continuation_tokens)
+            first.evaluated_tokens += prefix.new_tokens
         return [r for r in results if r is not None]
+
+    def _group_contexts(self, rows: list[_Row], prefix: _Prefix | None, shared: int) -> tuple[_Past | None, list[_Row]]:
+        """Run each group's own context (rows with the same tokens before their continuation: one item's choices)
+        once, in one padded batch after the prefix all rows share; return the cache and the rows' remaining
+        suffixes. The context tokens run here count as evaluated for each group's first row."""
+        import torch
+        from transformers import DynamicCache
+
+        groups: dict[tuple[int, ...], list[_Row]] = {}
+        for row in rows:
+            groups.setdefault(tuple(row.tokens[: row.first_target]), []).append(row)
+        starts = [max(shared, _shared_prefix_length(members)) for members in groups.values()]
+        if len(groups) == 1 or (shared == 0 and min(starts) == 0):  # one context, or a group with nothing to cache
+            if prefix is None:
+                return None, rows
+            past = _Past(prefix.cache, torch.ones((1, shared), dtype=torch.long, device=self.device), [shared])
+            return past, [replace(r, tokens=r.tokens[shared:]) for r in rows]
+        width = max(starts) - shared
+        ids = torch.full((len(groups), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(groups), shared + width), dtype=torch.long)
+        mask[:, :shared] = 1
+        suffixes: list[_Row] = []
+        for g, (members, start) in enumerate(zip(groups.values(), starts)):
+            segment = members[0].tokens[shared:start]
+            ids[g, : len(segment)] = torch.tensor(segment, dtype=torch.long)
+            mask[g, shared : shared + len(segment)] = 1
+            for i, row in enumerate(members):
+                extra = len(segment) if i == 0 else 0  # the context's tokens go to the group's first row
+                suffixes.append(replace(row, tokens=row.tokens[start:], group=g, context_extra=extra))
+        mask = mask.to(self.device)
+        cache = _cache_rows(prefix.cache, torch.zeros(len(groups), dtype=torch.long, device=self.device)) \
+            if prefix is not None else DynamicCache(config=self._model.config)
+        positions = torch.arange(shared, shared + width, device=self.device)[None, :].expand(len(groups), -1)
+        with torch.inference_mode():
+            self._model(input_ids=ids.to(self.device), attention_mask=mask, position_ids=positions, use_cache=True,
+                        logits_to_keep=1, **{self._cache_kwarg: cache})
+        return _Past(cache, mask, starts), suffixes
+
+    def _prefix_state(self, tokens: list[int]) -> _Prefix:
+        """A batch-1 KV cache holding exactly ``tokens``: the previous call's cache cut back to the common prefix,
+        then extended."""
+        import torch
+        from transformers import DynamicCache
+
+        held = self._prefix
+        keep = common_prefix_length(held.tokens, tokens) if held is not None else 0
+        if held is None or keep == 0:
+            cache = DynamicCache(config=self._model.config)
+        else:
+            cache = held.cache
+            if keep < len(held.tokens):
+                cache.crop(keep - len(held.tokens))  # a negative count removes that many positions
+        if keep < len(tokens):
+            ids = torch.tensor([tokens[keep:]], dtype=torch.long, device=self.device)
+            positions = torch.arange(keep, len(tokens), device=self.device)[None, :]
+            mask = torch.ones((1, len(tokens)), dtype=torch.long, device=self.device)
+            with torch.inference_mode():
+                self._model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                            logits_to_keep=1, **{self._cache_kwarg: cache})
+        self._prefix = _Prefix(list(tokens), cache, len(tokens) - keep)
+        return self._prefix
 
     def _batch_rows(self, rows: Sequence[_Row], start: int) -> int:
         """Rows in the next forward pass: --batch-size, or auto (the remembered size, within memory budgets)."""
@@ -558,21 +697,31 @@ class TransformersProvider(Provider):
             size += 1
         return max(1, size)
 
-    def _score_batch(self, batch: Sequence[_Row]) -> list[LoglikelihoodResult]:
+    def _score_batch(self, batch: Sequence[_Row], past: _Past | None = None) -> list[LoglikelihoodResult]:
+        """One forward pass over ``batch``: rows continue their group's cached context in ``past`` (if any)."""
         import torch
 
         model = self._model
         width = len(batch[0].tokens)  # rows are sorted longest first
+        cached = past.mask.shape[1] if past is not None else 0
         ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        mask = torch.zeros((len(batch), cached + width), dtype=torch.long, device=self.device)
         keep = torch.zeros((len(batch), width), dtype=torch.bool)
         for b, row in enumerate(batch):
             n = len(row.tokens)
             ids[b, :n] = torch.tensor(row.tokens, dtype=torch.long)
-            mask[b, :n] = 1
+            mask[b, cached : cached + n] = 1
             keep[b, n - len(row.targets) : n] = True  # positions whose logits predict the continuation
-        kwargs: dict[str, Any] = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device),
-                                  "use_cache": False}
+        kwargs: dict[str, Any] = {"input_ids": ids.to(self.device), "attention_mask": mask}
+        if past is not None:
+            groups = torch.tensor([row.group for row in batch], dtype=torch.long, device=self.device)
+            mask[:, :cached] = past.mask[groups]
+            starts = torch.tensor([past.lengths[row.group] for row in batch], device=self.device)
+            positions = starts[:, None] + torch.arange(width, device=self.device)[None, :]
+            kwargs.update({"position_ids": positions, "use_cache": True,
+                           self._cache_kwarg: _cache_rows(past.cache, groups)})
+        else:
+            kwargs["use_cache"] = False
         if self._mask_logits:
             kwargs["logits_to_keep"] = keep.to(self.device)
         with torch.inference_mode():
@@ -594,9 +743,53 @@ class TransformersProvider(Provider):
                     is_greedy=greedy,
                     context_tokens=row.context_tokens,
                     continuation_tokens=row.continuation_tokens,
-                    evaluated_tokens=len(row.tokens),
+                    evaluated_tokens=len(row.tokens) + row.context_extra,
                 ))
         return results
+
+    # --- speed probes ----------------------------------------------------------------------------------
+
+    def _forward_one_row(self, tokens: Sequence[int], cache: Any) -> Any:
+        """Run ``tokens`` after what ``cache`` holds; returns the last position's logits."""
+        import torch
+
+        ids = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)
+        with torch.inference_mode():
+            return self._model(input_ids=ids, use_cache=True, logits_to_keep=1, **{self._cache_kwarg: cache}
+                               ).logits[0, -1]
+
+    def _sync(self) -> None:
+        if self.device and self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.synchronize()
+
+    def time_prompt(self, n_tokens: int) -> float:
+        """Seconds to run ``n_tokens`` random tokens through the model into an empty KV cache."""
+        from transformers import DynamicCache
+
+        self._require()
+        tokens = probe_tokens(n_tokens, int(self._model.config.vocab_size))
+        cache = DynamicCache(config=self._model.config)
+        self._sync()
+        started = time.perf_counter()
+        self._forward_one_row(tokens, cache)
+        self._sync()
+        return time.perf_counter() - started
+
+    def time_generation(self, n_tokens: int) -> float:
+        """Seconds for ``n_tokens`` one-token forward passes with a KV cache, each feeding back the argmax."""
+        from transformers import DynamicCache
+
+        self._require()
+        cache = DynamicCache(config=self._model.config)
+        token = int(self._forward_one_row([self._prefix_token], cache).argmax())
+        self._sync()
+        started = time.perf_counter()
+        for _ in range(n_tokens):
+            token = int(self._forward_one_row([token], cache).argmax())
+        self._sync()
+        return time.perf_counter() - started
 
     def _release_memory(self) -> None:
         gc.collect()
@@ -719,6 +912,7 @@ class TransformersProvider(Provider):
             "model_class": type(model).__name__ if model is not None else None,
             "threads": self.threads,
             "seed": self.seed,
+            "prefix_sharing": self.share_prefix,
         }
         if model is not None:
             import torch
@@ -792,4 +986,6 @@ def make_provider(spec: Any, settings: Any) -> TransformersProvider:
         batch_size=settings.batch_size,
         threads=settings.threads,
         seed=settings.seed,
+        max_length=getattr(settings, "n_ctx", None),
+        dtype=getattr(settings, "dtype", "auto"),
     )

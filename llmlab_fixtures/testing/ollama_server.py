@@ -2,8 +2,10 @@
 
 It answers the official ``ollama`` Python client (and curl) the way an Ollama server does: ``/api/generate`` and
 ``/api/chat`` (NDJSON streams or one JSON object), ``/api/tags``, ``/api/show``, ``/api/ps``, ``/api/pull``,
-``/api/version`` and ``/``. Models load on first use and unload when their ``keep_alive`` runs out. Requests to one
-model are served one at a time. Start it by hand with::
+``/api/version`` and ``/``; and, as Ollama does, OpenAI's wire format under ``/v1`` (``/v1/completions``,
+``/v1/chat/completions``, ``/v1/models``) for the ``openai`` SDK: JSON or SSE streams, usage from llama.cpp's own
+counters (in a final chunk when ``stream_options.include_usage`` is set). Models load on first use and unload when
+their ``keep_alive`` runs out. Requests to one model are served one at a time. Start it by hand with::
 
     python -m llmlab_fixtures.testing.ollama_server [--port 11434] [--model TAG=PATH ...]
 """
@@ -16,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import random
 import re
 import signal
 import socket
@@ -37,6 +40,7 @@ DEFAULT_PORT = 11434
 DEFAULT_NUM_CTX = 4096
 DEFAULT_KEEP_ALIVE_S = 300.0  # Ollama's default "5m" (or $OLLAMA_KEEP_ALIVE)
 DEFAULT_TEMPERATURE = 0.8  # Ollama's default sampling temperature
+OPENAI_DEFAULT_TEMPERATURE = 1.0  # what Ollama's /v1 sets when a request names no temperature (OpenAI's default)
 FOREVER_S = 290 * 365.25 * 86400.0  # a negative keep_alive keeps the model loaded (Go's max duration, ~292 years)
 _HASH_BLOCK = 8 << 20
 
@@ -57,9 +61,20 @@ _REQUEST_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
                     "format": (str, dict), "think": (bool, str)},
     "ShowRequest": {"model": (str,), "name": (str,), "verbose": (bool,), "system": (str,)},
     "PullRequest": {"model": (str,), "name": (str,), "stream": (bool,), "insecure": (bool,)},
+    # OpenAI's bodies as Ollama's /v1 reads them ("stop" is any JSON value there; see _openai_options)
+    "CompletionRequest": {"model": (str,), "prompt": (str,), "suffix": (str,), "stream": (bool,),
+                          "stream_options": (dict,), "max_tokens": (int,), "temperature": (float, int),
+                          "top_p": (float, int), "seed": (int,), "frequency_penalty": (float, int),
+                          "presence_penalty": (float, int)},
+    "ChatCompletionRequest": {"model": (str,), "messages": (list,), "stream": (bool,), "stream_options": (dict,),
+                              "max_tokens": (int,), "temperature": (float, int), "top_p": (float, int),
+                              "seed": (int,), "frequency_penalty": (float, int), "presence_penalty": (float, int),
+                              "tools": (list,), "response_format": (dict,)},
 }
+_OPENAI_REQUESTS = frozenset({"CompletionRequest", "ChatCompletionRequest"})  # Go package openai, not api
 _JSON_TYPE_NAMES = {str: "string", bool: "bool", dict: "object", list: "array", int: "number", float: "number"}
-_GO_TYPE_NAMES = {str: "string", bool: "bool", dict: "map[string]interface {}", list: "[]interface {}"}
+_GO_TYPE_NAMES = {str: "string", bool: "bool", dict: "map[string]interface {}", list: "[]interface {}",
+                  int: "int", float: "float64"}
 
 
 class ApiError(Exception):
@@ -291,6 +306,8 @@ class _HTTPServer(ThreadingHTTPServer):
 class _Reply:
     """One response: a JSON object, or an NDJSON stream in chunked encoding; errors mid-stream become a line."""
 
+    content_type = "application/x-ndjson"
+
     def __init__(self, handler: _Handler, *, stream: bool) -> None:
         self.handler = handler
         self.stream = stream
@@ -301,16 +318,19 @@ class _Reply:
         self.handler.send_json(status, body)
         self.started = True
 
-    def line(self, body: Any) -> None:
-        """Send one streamed object (the headers go out with the first)."""
+    def write(self, data: bytes) -> None:
+        """Send one chunk of the streamed body (the headers go out with the first)."""
         if not self.started:
             self.handler.send_response(200)
-            self.handler.send_header("Content-Type", "application/x-ndjson")
+            self.handler.send_header("Content-Type", self.content_type)
             self.handler.send_header("Transfer-Encoding", "chunked")
             self.handler.end_headers()
             self.started = True
-        data = json.dumps(body, ensure_ascii=False).encode() + b"\n"
         self.handler.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+
+    def line(self, body: Any) -> None:
+        """Send one streamed object."""
+        self.write(json.dumps(body, ensure_ascii=False).encode() + b"\n")
         self.chunks += 1
 
     def end(self) -> None:
@@ -326,9 +346,98 @@ class _Reply:
             self.json(status, {"error": message})
 
 
-_GET_ROUTES = {"/": "root", "/api/tags": "tags", "/api/ps": "ps", "/api/version": "version"}
+_ZERO_USAGE = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+
+
+def openai_usage(body: Mapping[str, Any]) -> dict[str, int]:
+    """OpenAI's ``usage`` from an Ollama final object: the prompt and generated tokens llama.cpp evaluated."""
+    prompt, completion = int(body.get("prompt_eval_count") or 0), int(body.get("eval_count") or 0)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def openai_error(status: int, message: str) -> dict[str, Any]:
+    """An OpenAI-style error body, typed by status the way Ollama's /v1 types them."""
+    kind = {400: "invalid_request_error", 404: "not_found_error"}.get(status, "api_error")
+    return {"error": {"message": message, "type": kind, "param": None, "code": None}}
+
+
+class _OpenAIReply(_Reply):
+    """Ollama's /v1 layer: the objects /api/generate and /api/chat answer, written in OpenAI's wire format.
+
+    One JSON completion (``text_completion`` / ``chat.completion`` with ``usage``), or an SSE stream of chunks, a
+    chunk with empty ``choices`` and the ``usage`` when ``stream_options.include_usage`` is set, then ``[DONE]``.
+    Like Ollama, streamed text completions carry a zero ``usage`` on every chunk while usage is asked for.
+    """
+
+    content_type = "text/event-stream"
+
+    def __init__(self, handler: _Handler, *, stream: bool) -> None:
+        super().__init__(handler, stream=stream)
+        self.chat = False
+        self.openai_stream = False
+        self.include_usage = False
+        self.forwarded = False  # the body is now an /api request: its errors pass on as API errors, status kept
+        self.id = ""
+
+    def forward(self, *, chat: bool, stream: bool, include_usage: bool) -> None:
+        self.chat, self.openai_stream, self.include_usage, self.forwarded = chat, stream, include_usage, True
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{random.randrange(999)}"
+
+    def _head(self, body: Mapping[str, Any], streamed: bool) -> dict[str, Any]:
+        kind = ("chat.completion.chunk" if streamed else "chat.completion") if self.chat else "text_completion"
+        return {"id": self.id, "object": kind, "created": int(time.time()), "model": body.get("model", ""),
+                "system_fingerprint": "fp_ollama"}
+
+    def _choice(self, body: Mapping[str, Any], streamed: bool) -> dict[str, Any]:
+        finish = body.get("done_reason") or None
+        if not self.chat:
+            return {"text": body.get("response", ""), "index": 0, "finish_reason": finish}
+        message = {"role": "assistant", "content": (body.get("message") or {}).get("content", "")}
+        return {"index": 0, "delta" if streamed else "message": message, "finish_reason": finish}
+
+    def event(self, body: Any) -> None:
+        self.write(b"data: " + json.dumps(body, ensure_ascii=False).encode() + b"\n\n")
+
+    def json(self, status: int, body: Any) -> None:
+        if not self.forwarded or status != 200:
+            super().json(status, body)
+        elif self.openai_stream:  # an answer /api gives as one object (a load) still streams here
+            self.stream = True
+            self.line(body)
+            self.end()
+        else:
+            super().json(200, {**self._head(body, False), "choices": [self._choice(body, False)],
+                               "usage": openai_usage(body)})
+
+    def line(self, body: Any) -> None:
+        chunk = {**self._head(body, True), "choices": [self._choice(body, True)]}
+        if self.include_usage and not self.chat:
+            chunk["usage"] = _ZERO_USAGE
+        self.event(chunk)
+        if body.get("done") and self.include_usage:
+            self.event({**self._head(body, True), "choices": [], "usage": openai_usage(body)})
+        self.chunks += 1
+
+    def end(self) -> None:
+        if self.stream and self.started:
+            self.write(b"data: [DONE]\n\n")
+        super().end()
+
+    def error(self, status: int, message: str) -> None:
+        """Before any output: the status with an error body; mid-stream: an error event and no ``[DONE]``."""
+        body = openai_error(500 if self.forwarded else status, message)
+        if self.started and self.stream:
+            self.event(body)
+            _Reply.end(self)
+        elif not self.started:
+            super().json(status, body)
+
+
+_GET_ROUTES = {"/": "root", "/api/tags": "tags", "/api/ps": "ps", "/api/version": "version",
+               "/v1/models": "openai_models"}
 _HEAD_ROUTES = {"/": "root", "/api/tags": "tags", "/api/version": "version"}
-_POST_ROUTES = {"/api/generate": "generate", "/api/chat": "chat", "/api/show": "show", "/api/pull": "pull"}
+_POST_ROUTES = {"/api/generate": "generate", "/api/chat": "chat", "/api/show": "show", "/api/pull": "pull",
+                "/v1/completions": "openai_completions", "/v1/chat/completions": "openai_chat"}
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -374,7 +483,7 @@ class _Handler(BaseHTTPRequestHandler):
             status, text = (405, "405 method not allowed") if known else (404, "404 page not found")
             self.send_text(status, text)
             return
-        reply = _Reply(self, stream=False)
+        reply = (_OpenAIReply if path.startswith("/v1/") else _Reply)(self, stream=False)
         try:
             getattr(self.server.app, f"api_{name}")(self, body, reply)
         except ApiError as exc:
@@ -441,7 +550,8 @@ def _parse_request(body: bytes, kind: str) -> dict[str, Any]:
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ApiError(400, f"invalid JSON in request body: {exc}") from None
     if not isinstance(data, dict):
-        raise ApiError(400, f"json: cannot unmarshal {_json_type(data)} into Go value of type api.{kind}")
+        package = "openai" if kind in _OPENAI_REQUESTS else "api"
+        raise ApiError(400, f"json: cannot unmarshal {_json_type(data)} into Go value of type {package}.{kind}")
     for key, types in _REQUEST_FIELDS[kind].items():
         value = data.get(key)
         if value is None:
@@ -481,6 +591,65 @@ def _check_options(options: Mapping[str, Any]) -> dict[str, Any]:
             checked[key] = [s for s in value if s]
         # unknown options: Ollama logs "invalid option provided" and goes on
     return checked
+
+
+def _go_value_type(value: Any) -> str:
+    """Go's ``%T`` of a decoded JSON value."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return "float64"
+    return _GO_TYPE_NAMES.get(type(value), "<nil>")
+
+
+def _openai_options(request: Mapping[str, Any]) -> dict[str, Any]:
+    """Ollama options from an OpenAI body: max_tokens → num_predict, temperature (default 1), seed, stop, top_p."""
+    options: dict[str, Any] = {"temperature": request.get("temperature", OPENAI_DEFAULT_TEMPERATURE),
+                               "top_p": request.get("top_p") or 1.0}
+    if "max_tokens" in request:
+        options["num_predict"] = request["max_tokens"]
+    for key in ("seed", "frequency_penalty", "presence_penalty"):
+        if key in request:
+            options[key] = request[key]
+    stop = request.get("stop")
+    if isinstance(stop, str):
+        options["stop"] = [stop]
+    elif isinstance(stop, list):
+        for value in stop:
+            if not isinstance(value, str):
+                raise ApiError(400, f"invalid type for 'stop' field: {_go_value_type(value)}")
+        options["stop"] = stop
+    return options  # any other "stop" is ignored, as Ollama's decoder does
+
+
+def _include_usage(request: Mapping[str, Any]) -> bool:
+    value = (request.get("stream_options") or {}).get("include_usage", False)
+    if not isinstance(value, bool):
+        raise ApiError(400, f"json: cannot unmarshal {_json_type(value)} into Go struct field "
+                            "StreamOptions.stream_options.include_usage of type bool")
+    return value
+
+
+def _openai_messages(messages: list[Any]) -> list[dict[str, Any]]:
+    """OpenAI messages as Ollama's: text parts become messages of their own, image parts messages with an image."""
+    converted: list[dict[str, Any]] = []
+    for message in messages:
+        if not isinstance(message, dict):
+            raise ApiError(400, f"json: cannot unmarshal {_json_type(message)} into Go struct field "
+                                "ChatCompletionRequest.messages of type openai.Message")
+        role, content = message.get("role", ""), message.get("content")
+        if isinstance(content, str):
+            converted.append({"role": role, "content": content})
+        elif isinstance(content, list):
+            for part in content:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "text" and isinstance(part.get("text"), str):
+                    converted.append({"role": role, "content": part["text"]})
+                elif kind == "image_url":
+                    converted.append({"role": role, "content": "", "images": [part.get("image_url")]})
+                else:
+                    raise ApiError(400, "invalid message format")
+        else:
+            raise ApiError(400, f"invalid message content type: {_go_value_type(content)}")
+    return converted
 
 
 @dataclass
@@ -727,18 +896,21 @@ class OllamaServer:
             reply.line({"status": status})
         reply.end()
 
-    def _open_request(self, body: bytes, kind: str) -> tuple[dict[str, Any], ModelSlot, dict[str, Any], float]:
-        """A generate/chat body parsed: the request, its model's slot, checked options and keep-alive seconds."""
-        request = _parse_request(body, kind)
+    def _open_request(self, request: Mapping[str, Any]) -> tuple[ModelSlot, dict[str, Any], float]:
+        """A parsed generate/chat request's model slot, checked options and keep-alive seconds."""
         name = request.get("model")
         if not name:
             raise ApiError(400, "model is required")
         options = _check_options(request.get("options") or {})
-        return request, self.slot(name), options, parse_keep_alive(request.get("keep_alive"), self.keep_alive)
+        return self.slot(name), options, parse_keep_alive(request.get("keep_alive"), self.keep_alive)
 
     def api_generate(self, handler: _Handler, body: bytes, reply: _Reply) -> None:
         started = time.perf_counter()
-        request, slot, options, keep_alive = self._open_request(body, "GenerateRequest")
+        self._generate(handler, _parse_request(body, "GenerateRequest"), reply, started)
+
+    def _generate(self, handler: _Handler, request: Mapping[str, Any], reply: _Reply, started: float) -> None:
+        """Answer a generate request (from /api/generate, or /v1/completions translated)."""
+        slot, options, keep_alive = self._open_request(request)
         name = request["model"]
         prompt = request.get("prompt", "")
         raw = request.get("raw", False)
@@ -785,7 +957,11 @@ class OllamaServer:
 
     def api_chat(self, handler: _Handler, body: bytes, reply: _Reply) -> None:
         started = time.perf_counter()
-        request, slot, options, keep_alive = self._open_request(body, "ChatRequest")
+        self._chat(handler, _parse_request(body, "ChatRequest"), reply, started)
+
+    def _chat(self, handler: _Handler, request: Mapping[str, Any], reply: _Reply, started: float) -> None:
+        """Answer a chat request (from /api/chat, or /v1/chat/completions translated)."""
+        slot, options, keep_alive = self._open_request(request)
         name = request["model"]
         messages = []
         for i, message in enumerate(request.get("messages") or []):
@@ -828,6 +1004,43 @@ class OllamaServer:
                 self._complete(handler, slot, text, options, reply, chunk, final, started, load_s)
             finally:
                 self._settle(slot, keep_alive)
+
+    # OpenAI's wire format, as Ollama's /v1 serves it: requests become /api requests, answers are rewritten
+
+    def api_openai_models(self, _handler: _Handler, _body: bytes, reply: _Reply) -> None:
+        """``GET /v1/models``: the pulled models, newest first, as OpenAI's model list."""
+        slots = sorted((slot for slot in self.slots.values() if slot.path.is_file()),
+                       key=lambda slot: slot.path.stat().st_mtime, reverse=True)
+        data = [{"id": slot.tag, "object": "model", "created": int(slot.path.stat().st_mtime),
+                 "owned_by": slot.tag.split("/")[-2] if "/" in slot.tag else "library"} for slot in slots]
+        reply.json(200, {"object": "list", "data": data or None})  # Go encodes an empty slice as null
+
+    def api_openai_completions(self, handler: _Handler, body: bytes, reply: _Reply) -> None:
+        """``POST /v1/completions``: the prompt goes to /api/generate, which applies the chat template (as Ollama's)."""
+        started = time.perf_counter()
+        request = _parse_request(body, "CompletionRequest")
+        generate = {"model": request.get("model", ""), "prompt": request.get("prompt", ""),
+                    "suffix": request.get("suffix"), "stream": request.get("stream", False),
+                    "options": _openai_options(request)}
+        assert isinstance(reply, _OpenAIReply)
+        reply.forward(chat=False, stream=generate["stream"], include_usage=_include_usage(request))
+        self._generate(handler, {k: v for k, v in generate.items() if v is not None}, reply, started)
+
+    def api_openai_chat(self, handler: _Handler, body: bytes, reply: _Reply) -> None:
+        """``POST /v1/chat/completions``: the messages go to /api/chat."""
+        started = time.perf_counter()
+        request = _parse_request(body, "ChatCompletionRequest")
+        if not request.get("messages"):
+            raise ApiError(400, "[] is too short - 'messages'")
+        response_format = str((request.get("response_format") or {}).get("type") or "").strip().lower()
+        chat = {"model": request.get("model", ""), "messages": _openai_messages(request["messages"]),
+                "stream": request.get("stream", False), "options": _openai_options(request),
+                "tools": request.get("tools"), "format": "json" if response_format == "json_object" else None}
+        if response_format == "json_schema":
+            chat["format"] = (request["response_format"].get("json_schema") or {}).get("schema")
+        assert isinstance(reply, _OpenAIReply)
+        reply.forward(chat=True, stream=chat["stream"], include_usage=_include_usage(request))
+        self._chat(handler, {k: v for k, v in chat.items() if v is not None}, reply, started)
 
     @staticmethod
     def _check_unsupported(name: str, request: Mapping[str, Any]) -> None:

@@ -1,0 +1,97 @@
+"""Items/s and tokens evaluated per item, before and after prefix reuse, for llama.cpp and transformers.
+
+"before" scores every request from scratch (no KV-cache reuse, one item per call); "after" is llmlab's default:
+an item's context once for all its choices, prefixes shared across items (TruthfulQA's primer, MMLU's description
+and few-shot block) kept in the KV cache, and for transformers several items' contexts batched in one call.
+The limit column is the backend's prompt-processing rate (pp512, measured here) divided by the tokens evaluated per
+item after reuse: the items/s a run would reach if the model ran nothing else. Scores before and after must agree.
+
+    python benchmarks/reuse_speed.py --tasks arc_challenge:0:50,hellaswag:0:50,mmlu:5:30,truthfulqa_mc2:0:30
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from llmlab_fixtures.datasets import load_docs
+from llmlab_fixtures.embedded import SMOLLM2, embedded_gguf
+from llmlab_fixtures.evaluator import evaluate
+from llmlab_fixtures.providers.base import Provider
+from llmlab_fixtures.providers.llama_cpp import LlamaCppProvider
+from llmlab_fixtures.providers.transformers_backend import ModelSource, TransformersProvider
+from llmlab_fixtures.tasks import get_task
+
+
+def default_data_dir() -> Path:
+    env = os.environ.get("LLMLAB_DATA_DIR")
+    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+
+
+def configure(provider: Provider, reuse: bool) -> None:
+    """Switch prefix reuse (and, for transformers, multi-item calls) on or off."""
+    if isinstance(provider, LlamaCppProvider):
+        provider.reuse_prefix = reuse
+        provider.reset_cache()
+    else:
+        assert isinstance(provider, TransformersProvider)
+        provider.share_prefix = reuse
+        provider._prefix = None
+        provider.loglik_items_per_call = type(provider).loglik_items_per_call if reuse else 1
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", default="arc_challenge:0:50,hellaswag:0:50,mmlu:5:30,truthfulqa_mc2:0:30",
+                        help="task:shots:items, comma-separated")
+    parser.add_argument("--backends", default="llama-cpp,transformers")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--data-dir", type=Path, default=default_data_dir())
+    args = parser.parse_args()
+    gguf = embedded_gguf(SMOLLM2)
+    print(f"SmolLM2-135M-Instruct (Q4_1 GGUF), {args.threads} threads")
+    print(f"{'backend':12} {'task':16} {'shots':>5} {'n':>4} {'it/s before':>11} {'it/s after':>10} {'speed-up':>8} "
+          f"{'tok/item before':>15} {'tok/item after':>14} {'pp512 tok/s':>11} {'limit it/s':>10} "
+          f"{'after/limit':>11} {'same preds':>10} {'acc':>7} {'peak RSS MB':>11}")
+    for backend in args.backends.split(","):
+        if backend == "llama-cpp":
+            provider: Provider = LlamaCppProvider(gguf, "llama-cpp:smollm2-135m", n_threads=args.threads)
+        else:
+            provider = TransformersProvider(ModelSource("gguf", gguf), "transformers:smollm2-135m", device="cpu",
+                                            threads=args.threads)
+        provider.initialize()
+        provider.time_prompt(512)
+        pp = 512 / min(provider.time_prompt(512) for _ in range(3))
+        for spec in args.tasks.split(","):
+            name, shots, n = spec.split(":")
+            task = get_task(name)
+            docs = load_docs(task, args.data_dir)[: int(n)]
+            fewshot = load_docs(task, args.data_dir, split=task.fewshot_split) if int(shots) and task.fewshot_split \
+                else None
+            figures = {}
+            for reuse in (False, True):
+                configure(provider, reuse)
+                started = time.perf_counter()
+                run = evaluate(task, provider, docs, model_name=backend, fewshot_docs=fewshot, scoring="loglik",
+                               num_fewshot=int(shots))
+                elapsed = time.perf_counter() - started
+                figures[reuse] = (len(docs) / elapsed, sum(r.evaluated_tokens for r in run.items) / len(docs), run)
+            (before, tok_before, run_before), (after, tok_after, run_after) = figures[False], figures[True]
+            same = sum(a.prediction == b.prediction for a, b in zip(run_before.items, run_after.items))
+            limit = pp / tok_after
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            print(f"{backend:12} {name:16} {shots:>5} {len(docs):4d} {before:11.2f} {after:10.2f} "
+                  f"{after / before:7.1f}x {tok_before:15.0f} {tok_after:14.0f} {pp:11.0f} {limit:10.2f} "
+                  f"{after / limit:11.2f} {same:5d}/{len(docs):<4d} {run_after.metrics[0].value:7.3f} {peak:11.0f}",
+                  flush=True)
+        provider.close()
+
+
+if __name__ == "__main__":
+    main()
