@@ -7,6 +7,10 @@ from pathlib import Path
 
 import pytest
 
+# torch is loaded first in every worker: imported after the other native libraries the suite loads (llama.cpp, the
+# cloud SDKs, ...), torch's own init failed in a long-lived xdist worker ("bad call flags") and the worker crashed later
+import torch  # noqa: F401
+
 REPO = Path(__file__).resolve().parents[1]
 
 

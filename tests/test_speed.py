@@ -12,7 +12,9 @@ from llmlab_fixtures.speed import PP_TOKENS, TG_TOKENS
 SMOLLM = "llama-cpp:smollm2-135m"
 
 
-def test_speed_figures_reach_the_comparison_and_results(speed_pytester: pytest.Pytester) -> None:
+def test_speed_figures_reach_the_comparison_and_results(speed_pytester: pytest.Pytester,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)  # under -n, pytest-benchmark would think it is a worker
     out = speed_pytester.path / "run"
     result = speed_pytester.runpytest_subprocess(
         f"--models={SMOLLM}", f"--output-dir={out}", "-p", "no:cacheprovider", "-p", "no:xdist",
