@@ -8,14 +8,14 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol, TypeVar
 
 from llmlab_fixtures.errors import ConfigError
 from llmlab_fixtures.metrics import (
+    MetricTally,
     acc,
     acc_norm,
-    aggregate,
     apply_filter,
     argmax,
     cut_at_stop,
@@ -34,21 +34,24 @@ from llmlab_fixtures.prompts import (
 )
 from llmlab_fixtures.providers.base import (
     GenerationRequest,
+    GenerationResult,
     LoglikelihoodRequest,
     LoglikelihoodResult,
     LoglikelihoodUnsupported,
     Provider,
 )
-from llmlab_fixtures.records import ItemRecord, TaskRun
+from llmlab_fixtures.records import ItemRecord, ItemTotals, TaskRun
 from llmlab_fixtures.tasks.definitions import TaskDefinition
 
 Doc = Mapping[str, Any]
 T = TypeVar("T")
 R = TypeVar("R")
+Scored = tuple[list[LoglikelihoodResult], float]  # one item's results and its latency (a share of a window call)
+Generated = tuple[GenerationResult, float]  # one item's generation and its latency (a share of a batch call)
 
 
 def _score_loglik(task: TaskDefinition, provider: Provider, doc: Doc, requests: list[LoglikelihoodRequest],
-                  record: ItemRecord, scored: tuple[list[LoglikelihoodResult], float] | None = None) -> None:
+                  record: ItemRecord, scored: Scored | None = None) -> None:
     """Score one item from its choices' log-likelihoods: computed here, or ``scored`` (results, latency) by a
     window call that ran several items at once."""
     choices = task.choices(doc)
@@ -85,11 +88,11 @@ def _score_loglik(task: TaskDefinition, provider: Provider, doc: Doc, requests: 
 
 
 def _score_letter(task: TaskDefinition, provider: Provider, doc: Doc, request: GenerationRequest, order: list[int],
-                  record: ItemRecord) -> None:
+                  record: ItemRecord, generated: Generated | None = None) -> None:
     choices = task.option_texts(doc)
     gold = task.target(doc)
     record.gold = gold
-    reply = _generate(provider, request, record)
+    reply = _generate(provider, request, record, generated)
     position = parse_choice_letter(reply, len(choices))
     record.prediction = None if position is None else order[position]  # index in the original choice order
     record.metrics["acc"] = 1.0 if record.prediction == gold else 0.0
@@ -97,10 +100,10 @@ def _score_letter(task: TaskDefinition, provider: Provider, doc: Doc, request: G
 
 
 def _score_generation(task: TaskDefinition, provider: Provider, doc: Doc, request: GenerationRequest,
-                      record: ItemRecord) -> None:
+                      record: ItemRecord, generated: Generated | None = None) -> None:
     target = task.target(doc)
     record.gold = normalize_answer(target, task.exact_match)
-    response = _generate(provider, request, record)
+    response = _generate(provider, request, record, generated)
     filters = {f.name: f for f in task.filters}
     extracted: dict[str, str] = {}
     for spec in task.metrics:  # all exact_match (checked when the task is loaded)
@@ -112,11 +115,16 @@ def _score_generation(task: TaskDefinition, provider: Provider, doc: Doc, reques
     record.correct = record.metrics[primary] == 1.0
 
 
-def _generate(provider: Provider, request: GenerationRequest, record: ItemRecord) -> str:
-    """Run one timed generation, copy its token counts into ``record`` and return the reply cut at a stop."""
-    started = time.perf_counter()
-    result = provider.generate(request)
-    record.latency_s = time.perf_counter() - started
+def _generate(provider: Provider, request: GenerationRequest, record: ItemRecord,
+              generated: Generated | None = None) -> str:
+    """Run one timed generation (or take ``generated``, from a batch call), copy its token counts into
+    ``record`` and return the reply cut at a stop."""
+    if generated is None:
+        started = time.perf_counter()
+        result = provider.generate(request)
+        record.latency_s = time.perf_counter() - started
+    else:
+        result, record.latency_s = generated
     record.prompt_tokens = result.prompt_tokens
     record.completion_tokens = result.completion_tokens
     record.evaluated_tokens = result.evaluated_tokens
@@ -133,13 +141,16 @@ class ItemPrompt:
     loglik: list[LoglikelihoodRequest] | None = None
     generation: GenerationRequest | None = None
     order: list[int] | None = None  # letter scoring: display order of the choices
+    _digest: str | None = field(default=None, repr=False, compare=False)
 
     def digest(self, task: TaskDefinition) -> str:
-        """sha256 of the task definition, the scoring method and the exact requests."""
-        payload = {"task": repr(replace(task, source=None)), "mode": self.mode, "order": self.order,
-                   "loglik": [asdict(r) for r in self.loglik or ()],
-                   "generation": asdict(self.generation) if self.generation else None}
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
+        """sha256 of the task definition, the scoring method and the exact requests (computed once)."""
+        if self._digest is None:
+            payload = {"task": repr(replace(task, source=None)), "mode": self.mode, "order": self.order,
+                       "loglik": [asdict(r) for r in self.loglik or ()],
+                       "generation": asdict(self.generation) if self.generation else None}
+            self._digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
+        return self._digest
 
 
 def item_prompt(task: TaskDefinition, mode: str, doc: Doc, exemplars: list[Doc], item_id: str, seed: int,
@@ -163,12 +174,12 @@ class ItemCache(Protocol):
 
 def _score_item(task: TaskDefinition, provider: Provider, mode: str, doc: Doc, exemplars: list[Doc],
                 record: ItemRecord, *, seed: int, cache: ItemCache | None = None,
-                prepared: tuple[ItemPrompt, tuple[list[LoglikelihoodResult], float] | None] | None = None,
+                prepared: tuple[ItemPrompt, Scored | Generated | None] | None = None,
                 ) -> ItemRecord:
     """Score one item into ``record``; a provider failure becomes the item's ``error`` instead of a wrong answer.
 
     With a ``cache``, an item finished by an earlier run with the same prompt is returned as it was. ``prepared``
-    is the item's prompt and, when a window call scored it with other items, its results and latency.
+    is the item's prompt and, when a window call ran it with other items, its results (or generation) and latency.
     """
     item_started = time.perf_counter()
     digest = None
@@ -178,12 +189,13 @@ def _score_item(task: TaskDefinition, provider: Provider, mode: str, doc: Doc, e
             digest = prompt.digest(task)
             if (saved := cache.lookup(record.item_id, digest)) is not None:
                 return saved
+        done = prepared[1] if prepared else None
         if prompt.loglik is not None:
-            _score_loglik(task, provider, doc, prompt.loglik, record, prepared[1] if prepared else None)
+            _score_loglik(task, provider, doc, prompt.loglik, record, done)  # type: ignore[arg-type]
         elif prompt.order is not None:
-            _score_letter(task, provider, doc, prompt.generation, prompt.order, record)
+            _score_letter(task, provider, doc, prompt.generation, prompt.order, record, done)  # type: ignore[arg-type]
         else:
-            _score_generation(task, provider, doc, prompt.generation, record)
+            _score_generation(task, provider, doc, prompt.generation, record, done)  # type: ignore[arg-type]
     except LoglikelihoodUnsupported as exc:
         raise ConfigError(f"{exc}; use --scoring generate") from exc
     except Exception as exc:  # provider failure (or an unscorable doc): record it, go on
@@ -199,48 +211,71 @@ def _score_item(task: TaskDefinition, provider: Provider, mode: str, doc: Doc, e
 
 
 Job = tuple[Doc, list[Doc], ItemRecord]
+_LOOKAHEAD = 4  # windows read ahead and sorted by length, so each padded batch holds items of similar length
 
 
-def _score_window(task: TaskDefinition, provider: Provider, jobs: Sequence[Job], *, seed: int,
+@dataclass
+class _WindowItem:
+    """One job of a multi-item call, with its prompt (None if building it failed) and, once run, its results."""
+
+    job: Job
+    prompt: ItemPrompt | None
+    done: Scored | Generated | None = None
+
+    @property
+    def length(self) -> int:
+        """Characters of the item's longest request (a stand-in for its tokens)."""
+        if self.prompt is None:
+            return 0
+        if self.prompt.generation is not None:
+            return len(self.prompt.generation.prompt)
+        return max((len(r.context) + len(r.continuation) for r in self.prompt.loglik or ()), default=0)
+
+
+def _run_window(provider: Provider, pending: Sequence[_WindowItem]) -> None:
+    """One provider call for every pending item (log-likelihoods, or a batch of generations); each item gets its
+    results and an even share of the call's time. A failed call leaves every item to be run on its own."""
+    prompts = [w.prompt for w in pending if w.prompt is not None]
+    try:
+        started = time.perf_counter()
+        if all(p.loglik is not None for p in prompts):
+            requests = [r for p in prompts for r in p.loglik or ()]
+            results: list[Any] = provider.loglikelihood(requests)
+            sizes = [len(p.loglik or ()) for p in prompts]
+        else:
+            generations = [p.generation for p in prompts if p.generation is not None]
+            requests = generations
+            results = provider.generate_batch(generations)
+            sizes = [1] * len(generations)
+        share = (time.perf_counter() - started) / len(pending)
+    except Exception:
+        return
+    if len(results) != len(requests) or len(sizes) != len(pending):
+        return
+    offset = 0
+    for w, n in zip(pending, sizes):
+        w.done = (results[offset : offset + n] if w.prompt and w.prompt.loglik is not None else results[offset],
+                  share)
+        offset += n
+
+
+def _score_window(task: TaskDefinition, provider: Provider, mode: str, window: Sequence[_WindowItem], *, seed: int,
                   cache: ItemCache | None) -> list[ItemRecord]:
-    """Score several log-likelihood items with one provider call (a backend that batches across items).
+    """Score several items with one provider call (a backend that batches across items).
 
     Checkpointed items are taken as they were; if the shared call fails, each item is scored on its own, so a
     failure stays with the item that caused it. Each item's latency is the call's time shared out evenly.
     """
-    prepared: list[tuple[ItemPrompt, tuple[list[LoglikelihoodResult], float] | None] | None] = []
-    pending: list[int] = []
-    for i, (doc, exemplars, record) in enumerate(jobs):
-        try:
-            prompt = item_prompt(task, "loglik", doc, exemplars, record.item_id, seed)
-        except Exception:
-            prepared.append(None)  # _score_item records the error
-            continue
-        saved = cache.lookup(record.item_id, prompt.digest(task)) if cache is not None else None
-        prepared.append((prompt, None))
-        if saved is None:
-            pending.append(i)
+    pending = [w for w in window if w.prompt is not None and (
+        cache is None or cache.lookup(w.job[2].item_id, w.prompt.digest(task)) is None)]
     if len(pending) > 1:
-        requests = [r for i in pending for r in prepared[i][0].loglik]  # type: ignore[index, union-attr]
-        try:
-            started = time.perf_counter()
-            results = provider.loglikelihood(requests)
-            share = (time.perf_counter() - started) / len(pending)
-        except Exception:
-            results = []
-        if len(results) == len(requests):
-            offset = 0
-            for i in pending:
-                prompt = prepared[i][0]  # type: ignore[index]
-                n = len(prompt.loglik)  # type: ignore[arg-type]
-                prepared[i] = (prompt, (results[offset : offset + n], share))
-                offset += n
-    return [_score_item(task, provider, "loglik", *job, seed=seed, cache=cache, prepared=ready)
-            for job, ready in zip(jobs, prepared)]
+        _run_window(provider, pending)
+    return [_score_item(task, provider, mode, *w.job, seed=seed, cache=cache,
+                        prepared=(w.prompt, w.done) if w.prompt is not None else None) for w in window]
 
 
-def _windows(jobs: Iterable[Job], size: int) -> Iterator[list[Job]]:
-    window: list[Job] = []
+def _windows(jobs: Iterable[T], size: int) -> Iterator[list[T]]:
+    window: list[T] = []
     for job in jobs:
         window.append(job)
         if len(window) == size:
@@ -248,6 +283,28 @@ def _windows(jobs: Iterable[Job], size: int) -> Iterator[list[Job]]:
             window = []
     if window:
         yield window
+
+
+def _scored_in_windows(task: TaskDefinition, provider: Provider, mode: str, jobs: Iterable[Job], size: int, *,
+                       seed: int, cache: ItemCache | None) -> Iterator[ItemRecord]:
+    """Score items ``size`` per provider call. Each block of a few windows is sorted by group (an MMLU subject
+    shares its few-shot block) and length, so a call's padded batch wastes little; records keep the job order."""
+    for block in _windows(jobs, size * _LOOKAHEAD):
+        items = []
+        for job in block:
+            doc, exemplars, record = job
+            try:
+                prompt: ItemPrompt | None = item_prompt(task, mode, doc, exemplars, record.item_id, seed)
+            except Exception:
+                prompt = None  # _score_item records the error
+            items.append(_WindowItem(job, prompt))
+        order = sorted(range(len(items)), key=lambda i: (items[i].job[2].group or "", -items[i].length))
+        records: list[ItemRecord | None] = [None] * len(items)
+        for chunk in _windows(order, size):
+            for i, record in zip(chunk, _score_window(task, provider, mode, [items[i] for i in chunk], seed=seed,
+                                                      cache=cache)):
+                records[i] = record
+        yield from (r for r in records if r is not None)
 
 
 def _in_order(function: Callable[[T], R], jobs: Iterable[T], concurrency: int) -> Iterator[R]:
@@ -282,12 +339,15 @@ def evaluate(
     on_item: Callable[[ItemRecord], None] | None = None,
     progress: Callable[[int, int], None] | None = None,
     cache: ItemCache | None = None,
+    keep_items: bool = True,
 ) -> TaskRun:
     """Score ``docs`` (prepared by ``datasets.load_docs``) with ``provider`` and aggregate the metrics.
 
     ``scoring`` picks how multiple-choice items are scored ("loglik" or "generate"); generation tasks
     always generate. ``num_fewshot`` None means the task's default. A provider exception on one item
     is recorded in that item's ``error`` and the run goes on. ``cache`` resumes finished items.
+    Metrics are aggregated as items finish; ``keep_items=False`` keeps no records in memory (they go to
+    ``on_item``), so a long run's memory does not grow with its items.
     """
     reason = task.unsupported_reason(scoring)
     if reason:
@@ -319,21 +379,24 @@ def evaluate(
         return _score_item(task, provider, mode, *job, seed=seed, cache=cache)
 
     def scored() -> Iterator[ItemRecord]:
-        window = max(1, provider.loglik_items_per_call) if mode == "loglik" else 1
+        window = max(1, provider.loglik_items_per_call if mode == "loglik" else provider.generation_items_per_call)
         if window == 1:
             yield from _in_order(score, jobs(), provider.max_concurrency)
             return
-        for group in _windows(jobs(), window):
-            yield from _score_window(task, provider, group, seed=seed, cache=cache)
+        yield from _scored_in_windows(task, provider, mode, jobs(), window, seed=seed, cache=cache)
 
     items: list[ItemRecord] = []
+    metrics, totals = MetricTally(task, mode), ItemTotals()
     total = len(docs)
-    for record in scored():
-        items.append(record)
+    for done, record in enumerate(scored(), start=1):
+        metrics.add(record)
+        totals.add(record)
+        if keep_items:
+            items.append(record)
         if on_item is not None:
             on_item(record)
         if progress is not None:
-            progress(len(items), total)
+            progress(done, total)
     return TaskRun(
         model=model_name,
         backend=provider.backend,
@@ -341,7 +404,8 @@ def evaluate(
         scoring=mode,
         num_fewshot=shots,
         prompt_version=task.prompt_version_for(mode),
-        metrics=aggregate(task, items, mode),
+        metrics=metrics.results(),
         items=items,
         wall_s=time.perf_counter() - started,
+        totals=totals,
     )

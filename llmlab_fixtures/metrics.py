@@ -6,6 +6,7 @@ import math
 import re
 import string
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from llmlab_fixtures.records import ItemRecord, MetricValue
 from llmlab_fixtures.tasks.definitions import ExactMatchSpec, FilterSpec, TaskDefinition
@@ -22,12 +23,7 @@ def mean(values: Sequence[float]) -> float:
 
 def mean_stderr(values: Sequence[float]) -> float | None:
     """lm-eval's ``mean_stderr``: sample standard deviation (ddof=1) / sqrt(n); None for n < 2."""
-    n = len(values)
-    if n < 2:
-        return None
-    mu = mean(values)
-    variance = math.fsum((x - mu) ** 2 for x in values) / (n - 1)
-    return math.sqrt(variance) / math.sqrt(n)
+    return _running(values).stderr
 
 
 Z_95 = 1.959963984540054  # two-sided 95% normal quantile
@@ -51,9 +47,7 @@ def wilson_interval(successes: int, n: int, z: float = Z_95) -> tuple[float, flo
 
 def binary_interval(values: Sequence[float]) -> tuple[float, float] | None:
     """The Wilson 95% interval of a metric whose per-item values are all 0 or 1 (accuracy), else None."""
-    if not values or any(v not in (0.0, 1.0) for v in values):
-        return None
-    return wilson_interval(int(sum(values)), len(values))
+    return _running(values).interval
 
 
 def pooled_stderr(stderrs: Sequence[float], sizes: Sequence[int]) -> float | None:
@@ -193,68 +187,122 @@ def error_count(items: Sequence[ItemRecord]) -> int:
     return sum(1 for item in items if item.error is not None)
 
 
-def _metric_names(task: TaskDefinition, items: Sequence[ItemRecord], scoring: str | None) -> list[str]:
-    if scoring is not None:
-        return [m.name for m in task.metrics_for(scoring)]
-    present: list[str] = []
+@dataclass
+class _Running:
+    """Count, mean and squared deviations of a stream of per-item values (Welford's update)."""
+
+    n: int = 0
+    mean: float = 0.0
+    m2: float = 0.0
+    ones: int = 0  # values equal to 1.0
+    binary: bool = True  # every value so far is 0.0 or 1.0
+
+    def add(self, value: float) -> None:
+        self.n += 1
+        delta = value - self.mean
+        self.mean += delta / self.n
+        self.m2 += delta * (value - self.mean)
+        self.ones += value == 1.0
+        self.binary = self.binary and value in (0.0, 1.0)
+
+    @property
+    def stderr(self) -> float | None:
+        """lm-eval's ``mean_stderr``: sample standard deviation (ddof=1) / sqrt(n); None for n < 2."""
+        return math.sqrt(max(self.m2, 0.0) / (self.n - 1)) / math.sqrt(self.n) if self.n >= 2 else None
+
+    @property
+    def interval(self) -> tuple[float, float] | None:
+        """The Wilson 95% interval when every value is 0 or 1 (accuracy), else None."""
+        return wilson_interval(self.ones, self.n) if self.binary and self.n else None
+
+
+def _running(values: Sequence[float]) -> _Running:
+    counted = _Running()
+    for value in values:
+        counted.add(value)
+    return counted
+
+
+class MetricTally:
+    """Aggregates item metrics as the items arrive: memory grows with metrics and groups, never with items.
+
+    ``results()`` gives each metric's item-weighted mean and stderr; grouped tasks (MMLU) get lm-eval's pooled
+    group stderr, plus ``<metric>_<group_name>_mean``: the unweighted mean over groups, stderr sqrt(sum se_g^2) / k.
+    """
+
+    def __init__(self, task: TaskDefinition, scoring: str | None = None) -> None:
+        self.task = task
+        self._declared = [m.name for m in task.metrics_for(scoring)] if scoring is not None else None
+        self._present: list[str] = []  # metric names in first-seen order (when scoring is None)
+        self._overall: dict[str, _Running] = {}
+        self._groups: dict[str, dict[str, _Running]] = {}  # groups in first-seen order
+        self.n_errors = 0
+
+    def add(self, item: ItemRecord) -> None:
+        """Count one finished item (an item with an ``error`` only counts as an error)."""
+        if item.error is not None:
+            self.n_errors += 1
+            return
+        for name, value in item.metrics.items():
+            if name not in self._present:
+                self._present.append(name)
+            self._overall.setdefault(name, _Running()).add(value)
+            if self.task.group_field and item.group is not None:
+                self._groups.setdefault(item.group, {}).setdefault(name, _Running()).add(value)
+
+    def _names(self) -> list[str]:
+        if self._declared is not None:
+            return self._declared
+        declared = [m.name for m in self.task.metrics if m.name in self._present]
+        return declared + [name for name in self._present if name not in declared]
+
+    def group_results(self) -> dict[str, list[MetricValue]]:
+        """Per-group metrics (e.g. per MMLU subject), groups in first-seen order; {} for ungrouped tasks."""
+        names = self._names()
+        return {group: [MetricValue(name, r.mean, r.stderr) for name in names if (r := runs.get(name)) and r.n]
+                for group, runs in self._groups.items()}
+
+    def results(self) -> list[MetricValue]:
+        """Every metric over the items without ``error`` ([] if none scored)."""
+        names = self._names()
+        results: list[MetricValue] = []
+        for name in names:
+            overall = self._overall.get(name)
+            if overall is None or not overall.n:
+                continue
+            stderr = overall.stderr
+            if self._groups:
+                runs = [g[name] for g in self._groups.values() if name in g]
+                stderr = pooled_stderr([r.stderr or 0.0 for r in runs], [r.n for r in runs])
+            results.append(MetricValue(name, overall.mean, stderr, overall.interval))
+        if self._groups:
+            label = self.task.group_name or self.task.group_field
+            for name in names:
+                runs = [g[name] for g in self._groups.values() if name in g]
+                if not runs:
+                    continue
+                stderrs = [r.stderr for r in runs]
+                stderr = (math.sqrt(math.fsum(se**2 for se in stderrs if se is not None)) / len(runs)
+                          if all(se is not None for se in stderrs) else None)
+                results.append(MetricValue(f"{name}_{label}_mean", mean([r.mean for r in runs]), stderr))
+        return results
+
+
+def tally(task: TaskDefinition, items: Sequence[ItemRecord], scoring: str | None = None) -> MetricTally:
+    """A MetricTally of ``items``."""
+    counted = MetricTally(task, scoring)
     for item in items:
-        present.extend(name for name in item.metrics if name not in present)
-    declared = [m.name for m in task.metrics if m.name in present]
-    return declared + [name for name in present if name not in declared]
+        counted.add(item)
+    return counted
 
 
 def group_metrics(
     task: TaskDefinition, items: Sequence[ItemRecord], scoring: str | None = None
 ) -> dict[str, list[MetricValue]]:
     """Per-group metrics (e.g. per MMLU subject), groups in first-seen order; {} for ungrouped tasks."""
-    scored = scored_items(items)
-    by_group: dict[str, list[ItemRecord]] = {}
-    for item in scored:
-        if item.group is not None:
-            by_group.setdefault(item.group, []).append(item)
-    names = _metric_names(task, scored, scoring)
-    result: dict[str, list[MetricValue]] = {}
-    for group, members in by_group.items():
-        values = {name: [i.metrics[name] for i in members if name in i.metrics] for name in names}
-        result[group] = [MetricValue(name, mean(v), mean_stderr(v)) for name, v in values.items() if v]
-    return result
+    return tally(task, items, scoring).group_results()
 
 
 def aggregate(task: TaskDefinition, items: Sequence[ItemRecord], scoring: str | None = None) -> list[MetricValue]:
-    """Mean and stderr of each metric over the items without ``error`` ([] if none scored).
-
-    Grouped tasks (MMLU) report the item-weighted mean with lm-eval's pooled group stderr, plus
-    ``<metric>_<group_name>_mean``: the unweighted mean over groups, stderr sqrt(sum se_g^2) / k.
-    """
-    scored = scored_items(items)
-    names = _metric_names(task, scored, scoring)
-    groups = group_metrics(task, scored, scoring) if task.group_field else {}
-    sizes = {
-        group: {name: sum(1 for i in scored if i.group == group and name in i.metrics) for name in names}
-        for group in groups
-    }
-    results: list[MetricValue] = []
-    for name in names:
-        values = [item.metrics[name] for item in scored if name in item.metrics]
-        if not values:
-            continue
-        if not groups:
-            results.append(MetricValue(name, mean(values), mean_stderr(values), binary_interval(values)))
-            continue
-        per_group = [(m, sizes[g][name]) for g, ms in groups.items() for m in ms if m.name == name]
-        stderr = pooled_stderr([m.stderr or 0.0 for m, _ in per_group], [n for _, n in per_group])
-        results.append(MetricValue(name, mean(values), stderr, binary_interval(values)))
-    if groups:
-        label = task.group_name or task.group_field
-        for name in names:
-            per_group = [m for ms in groups.values() for m in ms if m.name == name]
-            if not per_group:
-                continue
-            stderrs = [m.stderr for m in per_group]
-            stderr = (
-                math.sqrt(math.fsum(se**2 for se in stderrs if se is not None)) / len(per_group)
-                if all(se is not None for se in stderrs)
-                else None
-            )
-            results.append(MetricValue(f"{name}_{label}_mean", mean([m.value for m in per_group]), stderr))
-    return results
+    """Mean and stderr of each metric over the items without ``error`` (see MetricTally)."""
+    return tally(task, items, scoring).results()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -48,8 +49,43 @@ class MetricValue:
 
 
 @dataclass
+class ItemTotals:
+    """Counts, token sums and timings of a run's items, kept as they arrive. Only the two timing columns grow
+    with the run (8 bytes an item, for the latency percentiles); the records themselves are streamed to disk."""
+
+    n_scored: int = 0
+    n_errors: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    evaluated_tokens: int = 0
+    latencies: array[float] = field(default_factory=lambda: array("d"))  # scored items, seconds
+    ttfts: array[float] = field(default_factory=lambda: array("d"))  # scored items that measured one
+
+    def add(self, item: ItemRecord) -> None:
+        """Count one finished item; failed items only count as errors."""
+        if item.error is not None:
+            self.n_errors += 1
+            return
+        self.n_scored += 1
+        self.prompt_tokens += item.prompt_tokens
+        self.completion_tokens += item.completion_tokens
+        self.evaluated_tokens += item.evaluated_tokens
+        self.latencies.append(item.latency_s)
+        if item.ttft_s is not None:
+            self.ttfts.append(item.ttft_s)
+
+    @classmethod
+    def of(cls, items: list[ItemRecord]) -> ItemTotals:
+        totals = cls()
+        for item in items:
+            totals.add(item)
+        return totals
+
+
+@dataclass
 class TaskRun:
-    """Everything one (model, dataset) evaluation produced."""
+    """Everything one (model, dataset) evaluation produced. ``items`` is empty when the records were only
+    streamed (long runs); ``totals`` always covers every item."""
 
     model: str
     backend: str
@@ -60,3 +96,8 @@ class TaskRun:
     metrics: list[MetricValue]
     items: list[ItemRecord]
     wall_s: float
+    totals: ItemTotals | None = None
+
+    def __post_init__(self) -> None:
+        if self.totals is None:
+            self.totals = ItemTotals.of(self.items)

@@ -193,7 +193,7 @@ class BenchSession:
                 run = evaluate(
                     task, model.provider, docs, model_name=label, fewshot_docs=fewshot_docs, scoring=self.scoring,
                     num_fewshot=config.num_fewshot, seed=config.seed, fixed_fewshot=config.fixed_fewshot,
-                    on_item=writer.write, cache=checkpoint,
+                    on_item=writer.write, cache=checkpoint, keep_items=False,
                     progress=lambda done, total: self._report_progress(f"{label} {task.name}", done, total, started),
                 )
         finally:

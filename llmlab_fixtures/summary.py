@@ -8,7 +8,7 @@ import sys
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from llmlab_fixtures.records import TaskRun
+from llmlab_fixtures.records import ItemTotals, TaskRun
 
 SUMMARY_COLUMNS = (
     "model", "backend", "dataset", "metric", "value", "stderr", "ci95_low", "ci95_high", "n_items", "n_errors",
@@ -97,13 +97,10 @@ class TaskSummary:
 def summarize(run: TaskRun, *, data_location: str, model_info: dict[str, Any], load: dict[str, Any],
               primary_metric: str | None = None, items_file: str | None = None, n_resumed: int = 0) -> TaskSummary:
     """Aggregate a TaskRun's items into a TaskSummary."""
-    scored = [i for i in run.items if i.error is None]
-    latencies = [i.latency_s for i in scored]
-    ttfts = [i.ttft_s for i in scored if i.ttft_s is not None]
-    prompt = sum(i.prompt_tokens for i in scored)
-    completion = sum(i.completion_tokens for i in scored)
-    evaluated = sum(i.evaluated_tokens for i in scored)
-    busy = sum(latencies)
+    totals = run.totals if run.totals is not None else ItemTotals.of(run.items)
+    latencies, scored = list(totals.latencies), totals.n_scored
+    prompt, completion, evaluated = totals.prompt_tokens, totals.completion_tokens, totals.evaluated_tokens
+    busy = math.fsum(latencies)
     return TaskSummary(
         model=run.model,
         backend=run.backend,
@@ -111,19 +108,19 @@ def summarize(run: TaskRun, *, data_location: str, model_info: dict[str, Any], l
         scoring=run.scoring,
         num_fewshot=run.num_fewshot,
         prompt_version=run.prompt_version,
-        n_items=len(scored),
-        n_errors=len(run.items) - len(scored),
+        n_items=scored,
+        n_errors=totals.n_errors,
         metrics={m.name: {"value": m.value, "stderr": m.stderr,
                           "ci95_low": m.ci95[0] if m.ci95 else None, "ci95_high": m.ci95[1] if m.ci95 else None}
                  for m in run.metrics},
         wall_s=run.wall_s,
         # items taken from a checkpoint cost no model time: only the items computed now make the rate
-        items_per_s=(len(scored) - n_resumed) / run.wall_s if run.wall_s > 0 and len(scored) > n_resumed else None,
+        items_per_s=(scored - n_resumed) / run.wall_s if run.wall_s > 0 and scored > n_resumed else None,
         tokens_per_s=(prompt + completion) / run.wall_s if run.wall_s > 0 else None,
         evaluated_tokens_per_s=(evaluated + completion) / busy if busy > 0 else None,
         latency_p50_s=percentile(latencies, 50),
         latency_p95_s=percentile(latencies, 95),
-        ttft_p50_s=percentile(ttfts, 50),
+        ttft_p50_s=percentile(list(totals.ttfts), 50),
         prompt_tokens=prompt,
         completion_tokens=completion,
         evaluated_tokens=evaluated,

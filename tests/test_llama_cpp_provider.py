@@ -100,6 +100,16 @@ def test_shared_context_matches_scratch_on_arc(smollm: LlamaCppProvider, smollm_
     assert shared_evaluated < scratch_evaluated / 2
 
 
+def test_identical_inputs_share_one_logits_row(smollm: LlamaCppProvider, smollm_scratch: LlamaCppProvider) -> None:
+    """MMLU-style one-token answers: all four requests run the same input, which is decoded once."""
+    context = "The capital of France is\nA. Paris\nB. Rome\nC. Oslo\nD. Bern\nAnswer:"
+    requests = [LoglikelihoodRequest(context, f" {letter}") for letter in "ABCD"]
+    smollm.reset_cache()
+    shared = smollm.loglikelihood(requests)
+    compare(shared, smollm_scratch.loglikelihood(requests))
+    assert sum(r.evaluated_tokens for r in shared) == len(smollm.tokenize(context))
+
+
 def test_request_order_does_not_change_scores(smollm: LlamaCppProvider) -> None:
     a, b = (arc_requests(item) for item in arc_items(2))
     separate = smollm.loglikelihood(a) + smollm.loglikelihood(b)

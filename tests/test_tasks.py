@@ -11,6 +11,7 @@ import pytest
 from llmlab_fixtures.datasets import load_docs
 from llmlab_fixtures.errors import ConfigError
 from llmlab_fixtures.evaluator import evaluate
+from llmlab_fixtures.metrics import aggregate
 from llmlab_fixtures.prompts import (
     ExemplarSampler,
     build_context,
@@ -591,3 +592,27 @@ def test_evaluate_mmlu_groups(data_dir: Path):
     names = [m.name for m in run.metrics]
     assert names == ["acc", "acc_subject_mean"]
     assert model.loglik_calls[0][0].context.count("\nAnswer: ") == 5
+
+
+def test_streamed_run_keeps_no_records_and_aggregates_the_same(data_dir: Path):
+    """keep_items=False (how the plugin runs): records only go to on_item; metrics and totals are unchanged."""
+    task = get_task("mmlu")
+    docs = load_docs(task, data_dir)[90:150]  # crosses a subject boundary: grouped aggregation
+    runs, streamed = [], []
+    for keep in (True, False):
+        seen: list[ItemRecord] = []
+        runs.append(evaluate(task, RuleModel(loglik=_by_length), docs, model_name="rule-model", fewshot_docs=None,
+                             scoring="loglik", num_fewshot=0, on_item=seen.append, keep_items=keep))
+        streamed.append(seen)
+    kept, lean = runs
+    assert len(kept.items) == 60 and lean.items == []
+    assert [i.item_id for i in streamed[1]] == [i.item_id for i in kept.items]
+    assert len({i.group for i in kept.items}) == 2
+    expected = aggregate(task, kept.items, "loglik")  # computed from the records, as a reference
+    assert [m.name for m in lean.metrics] == [m.name for m in expected] == ["acc", "acc_subject_mean"]
+    for got, want in zip(lean.metrics, expected, strict=True):
+        assert (got.value, got.stderr) == pytest.approx((want.value, want.stderr), rel=1e-12)
+        assert got.ci95 == want.ci95
+    assert lean.totals is not None and kept.totals is not None
+    assert (lean.totals.n_scored, lean.totals.prompt_tokens, len(lean.totals.latencies)) == (
+        60, sum(i.prompt_tokens for i in kept.items), 60)

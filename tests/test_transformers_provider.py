@@ -396,6 +396,47 @@ def test_batched_generation_matches_single_on_gsm8k(tf_smollm: TransformersProvi
     print(f"\nGSM8K batched == single: {[r.text[:40] for r in single]}")
 
 
+def test_identical_inputs_are_run_once(tf_smollm: TransformersProvider) -> None:
+    """MMLU-style one-token answers run the same input: one row, read by every request, same scores as scratch."""
+    context = "The capital of France is\nA. Paris\nB. Rome\nC. Oslo\nD. Bern\nAnswer:"
+    requests = [LoglikelihoodRequest(context, f" {letter}") for letter in "ABCD"]
+    tf_smollm._prefix = None
+    shared = tf_smollm.loglikelihood(requests)
+    with prefix_sharing(tf_smollm, False):
+        scratch = tf_smollm.loglikelihood(requests)
+    assert [r.logprob for r in shared] == pytest.approx([r.logprob for r in scratch], abs=BATCH_TOL)
+    assert [r.is_greedy for r in shared] == [r.is_greedy for r in scratch]
+    assert sum(r.evaluated_tokens for r in shared) == len(tf_smollm.tokenize(context))
+    assert sum(r.evaluated_tokens for r in scratch) == 4 * len(tf_smollm.tokenize(context))
+
+
+def test_evaluator_generates_in_batches_with_one_at_a_time_results(tf_smollm: TransformersProvider,
+                                                                    data_dir: Path) -> None:
+    """Generation items go to generate_batch several at a time (sorted by length, left-padded) and come back in
+    order with the replies, answers and token counts of one-at-a-time generation."""
+    from llmlab_fixtures.evaluator import evaluate
+
+    task = get_task("arc_challenge")  # multiple choice by a generated letter: short replies
+    docs, shots = load_docs(task, data_dir)[:6], load_docs(task, data_dir, split="train")
+    saved = tf_smollm.generation_items_per_call
+    runs = []
+    try:
+        for window in (4, 1):
+            tf_smollm.generation_items_per_call = window
+            runs.append(evaluate(task, tf_smollm, docs, model_name="t", fewshot_docs=shots, scoring="generate",
+                                 num_fewshot=3))
+    finally:
+        tf_smollm.generation_items_per_call = saved
+    batched, single = runs
+    assert [i.item_id for i in batched.items] == [i.item_id for i in single.items] == [d["id"] for d in docs]
+    assert not any(i.error for i in batched.items)
+    assert sum(i.prediction is not None for i in single.items) >= 4  # the replies name letters
+    for a, b in zip(batched.items, single.items, strict=True):
+        assert (a.response, a.prediction, a.prompt_tokens, a.completion_tokens) == (
+            b.response, b.prediction, b.prompt_tokens, b.completion_tokens)
+    print(f"\nARC letters, 4 per batch vs 1: {[i.response for i in batched.items]}")
+
+
 # --- Gemma 3 (GGUF architecture gemma3) -----------------------------------------------------------
 
 

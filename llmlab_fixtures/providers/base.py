@@ -79,6 +79,7 @@ class Provider(ABC):
     supports_loglikelihood: bool = False
     max_concurrency: int = 1  # items the evaluator may score at once (cloud APIs: > 1; in-process models: 1)
     loglik_items_per_call: int = 1  # items whose choices go in one loglikelihood() call (backends that batch)
+    generation_items_per_call: int = 1  # prompts per generate_batch() call (backends that generate in batches)
 
     @abstractmethod
     def initialize(self) -> None:
@@ -87,6 +88,10 @@ class Provider(ABC):
     @abstractmethod
     def generate(self, request: GenerationRequest) -> GenerationResult:
         """Greedy generation; streams internally to time the first token."""
+
+    def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """Greedy generation of several prompts (one after another unless the backend batches them)."""
+        return [self.generate(request) for request in requests]
 
     def loglikelihood(self, requests: Sequence[LoglikelihoodRequest]) -> list[LoglikelihoodResult]:
         """Log-likelihood of each continuation; requests sharing a context reuse its evaluation."""

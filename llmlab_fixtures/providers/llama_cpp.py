@@ -9,6 +9,8 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from itertools import groupby
 from pathlib import Path
 from typing import Any
 
@@ -67,12 +69,26 @@ def _last_llama_error() -> str:
     return ""
 
 
-def _logprob_and_greedy(row: np.ndarray, target: int) -> tuple[float, bool]:
-    """log_softmax(row)[target] in float64, and whether target is the argmax."""
-    x = row.astype(np.float64)
-    m = x.max()
-    lse = m + np.log(np.exp(x - m).sum())
-    return float(x[target] - lse), int(np.argmax(row)) == target
+def _log_normalizer(row: np.ndarray) -> tuple[float, int]:
+    """log(sum(exp(row))) (exponentials in float32, their sum in float64) and the argmax of a logits row."""
+    best = int(np.argmax(row))
+    top = float(row[best])
+    return top + float(np.log(np.exp(row - top).sum(dtype=np.float64))), best
+
+
+@dataclass
+class _Pending:
+    """A log-likelihood request as tokens: ``seq`` is context + continuation (left-truncated to n_ctx + 1)."""
+
+    index: int  # position in the caller's request list
+    seq: list[int]
+    first: int  # the input position whose logits predict the first continuation token
+    context_tokens: int
+    continuation_tokens: int
+    inputs: list[int] = field(init=False)  # the tokens run through the model: all but the last
+
+    def __post_init__(self) -> None:
+        self.inputs = self.seq[:-1]
 
 
 class LlamaCppProvider(Provider):
@@ -349,37 +365,50 @@ class LlamaCppProvider(Provider):
 
         Requests are scored in lexicographic token order (so equal contexts sit next to each other) and
         returned in the order given; batch-invariant decoding makes the scores independent of that order.
+        Requests whose inputs are identical (one-token answers such as MMLU's letters) share one decode and
+        read their targets from the same logits rows.
         """
         self._require()
-        pairs = [self.encode_pair(req.context, req.continuation) for req in requests]
-        results: list[LoglikelihoodResult | None] = [None] * len(pairs)
-        for i in sorted(range(len(pairs)), key=lambda i: pairs[i][0] + pairs[i][1]):
-            results[i] = self._score(*pairs[i])
+        results: list[LoglikelihoodResult | None] = [None] * len(requests)
+        pending: list[_Pending] = []
+        for index, request in enumerate(requests):
+            ctx, cont = self.encode_pair(request.context, request.continuation)
+            seq = (ctx + cont)[-(self.n_ctx + 1) :]  # left-truncate like lm-eval
+            n_cont = min(len(cont), len(seq) - 1)
+            if n_cont == 0:
+                results[index] = LoglikelihoodResult(0.0, True, len(ctx), 0, 0)
+                continue
+            pending.append(_Pending(index, seq, len(seq) - 1 - n_cont, len(ctx), len(cont)))
+        pending.sort(key=lambda p: (p.inputs, p.seq[-1]))
+        groups = [list(g) for _, g in groupby(pending, key=lambda p: p.inputs)] if self.reuse_prefix \
+            else [[p] for p in pending]
+        for group in groups:
+            for p, result in self._score_input(group):
+                results[p.index] = result
         return [r for r in results if r is not None]
 
-    def _score(self, ctx: list[int], cont: list[int]) -> LoglikelihoodResult:
-        seq = (ctx + cont)[-(self.n_ctx + 1) :]  # left-truncate like lm-eval
-        inp = seq[:-1]
-        n_cont = min(len(cont), len(inp))
-        if n_cont == 0:
-            return LoglikelihoodResult(0.0, True, len(ctx), 0, 0)
-        first = len(inp) - n_cont  # position whose logits predict the first continuation token
-        keep = self._keep_prefix(inp, max(0, min(first, len(inp) - self._min_decode)))
-        totals = {"logprob": 0.0, "greedy": True}
+    def _score_input(self, group: Sequence[_Pending]) -> list[tuple[_Pending, LoglikelihoodResult]]:
+        """Score requests that run the same input tokens: one decode after the cached prefix, one
+        normalizer per logits row however many requests read it."""
+        inputs = group[0].inputs
+        first = min(p.first for p in group)
+        keep = self._keep_prefix(inputs, max(0, min(first, len(inputs) - self._min_decode)))
+        readers: dict[int, list[tuple[_Pending, int]]] = {}  # position -> (request, target token)
+        for p in group:
+            for pos in range(p.first, len(inputs)):
+                readers.setdefault(pos, []).append((p, p.seq[pos + 1]))
+        logprob = {p.index: 0.0 for p in group}
+        greedy = {p.index: True for p in group}
 
-        def add(pos: int, row: np.ndarray) -> None:
-            lp, greedy = _logprob_and_greedy(row, seq[pos + 1])
-            totals["logprob"] += lp
-            totals["greedy"] = totals["greedy"] and greedy
+        def read(pos: int, row: np.ndarray) -> None:
+            lse, best = _log_normalizer(row)
+            for p, target in readers[pos]:
+                logprob[p.index] += float(row[target]) - lse
+                greedy[p.index] = greedy[p.index] and best == target
 
-        self._decode(inp[keep:], range(first, len(inp)), add)
-        return LoglikelihoodResult(
-            logprob=float(totals["logprob"]),
-            is_greedy=bool(totals["greedy"]),
-            context_tokens=len(ctx),
-            continuation_tokens=len(cont),
-            evaluated_tokens=len(inp) - keep,
-        )
+        self._decode(inputs[keep:], sorted(readers), read)
+        return [(p, LoglikelihoodResult(logprob[p.index], greedy[p.index], p.context_tokens, p.continuation_tokens,
+                                        len(inputs) - keep if n == 0 else 0)) for n, p in enumerate(group)]
 
     # --- generation --------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ import json
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,8 @@ INSTALL_HINT = "pip install transformers gguf accelerate"
 AUTO_MAX_BATCH = 64  # rows per forward pass where auto batching starts (halved on out-of-memory)
 _TOKEN_BUDGET = {"cpu": 1024, "mps": 65_536, "cuda": 262_144}  # auto: rows x padded length per pass (CPU peaks near 1k)
 _LOGITS_BUDGET = 1 << 30  # auto: bytes of fp32 logits per forward pass (rows' continuation tokens x vocab)
+# auto: bytes of cached context copied for one pass (each row gets its own copy of its group's cached tokens)
+_CACHE_COPY_BUDGET = {"cpu": 256 << 20, "mps": 2 << 30, "cuda": 8 << 30}
 _DEFAULT_CONTEXT = 2048  # when neither the config nor the tokenizer names a context length (lm-eval's default)
 _MEMORY_CONTEXT = 4096  # tokens of KV cache counted by estimate_memory
 # end-of-turn tokens llama.cpp also treats as end of generation when the vocabulary has them as special tokens
@@ -258,11 +260,30 @@ class _Row:
     continuation_tokens: int
     group: int = 0  # which cached context the row continues (see _Past)
     context_extra: int = 0  # context tokens run for this row's group, counted as evaluated by this row
+    readers: list[_Row] = field(default_factory=list)  # other requests with the same tokens: they read this row
+
+    @property
+    def n_keep(self) -> int:
+        """Positions at the end of the row whose logits are read (the longest continuation among its readers)."""
+        return max(len(r.targets) for r in (self, *self.readers))
 
     @property
     def first_target(self) -> int:
         """The first position whose logits are needed: a shared prefix must stop before it."""
-        return len(self.tokens) - len(self.targets)
+        return len(self.tokens) - self.n_keep
+
+
+def _merge_identical(rows: list[_Row]) -> list[_Row]:
+    """One row per distinct input (MMLU's four one-token answers run the same context): the others read it."""
+    first: dict[tuple[int, ...], _Row] = {}
+    merged: list[_Row] = []
+    for row in rows:
+        owner = first.setdefault(tuple(row.tokens), row)
+        if owner is row:
+            merged.append(row)
+        else:
+            owner.readers.append(row)
+    return merged
 
 
 @dataclass
@@ -301,7 +322,7 @@ def _has_sliding_window(config: Any) -> bool:
 def _shared_prefix_length(rows: Sequence[_Row]) -> int:
     """Tokens every row starts with, stopping before any row's first predicted position (its logits are needed)."""
     first = rows[0].tokens
-    shared = min(len(r.tokens) - len(r.targets) for r in rows)
+    shared = min(r.first_target for r in rows)
     for row in rows[1:]:
         shared = min(shared, common_prefix_length(first, row.tokens))
     return shared
@@ -369,6 +390,7 @@ class TransformersProvider(Provider):
     backend = "transformers"
     supports_loglikelihood = True
     loglik_items_per_call = 16  # items per loglikelihood() call: their contexts run in one padded batch
+    generation_items_per_call = 8  # prompts per generate_batch() call: each new token is one batched step
 
     def __init__(
         self,
@@ -434,6 +456,7 @@ class TransformersProvider(Provider):
         self.device = resolve_device(self.requested_device)
         if not self.device.startswith("cpu"):
             self.loglik_items_per_call = 64  # a GPU is launch-bound on one item's few rows: batch many items
+            self.generation_items_per_call = 32
         self.dtype = choose_dtype(self.device, arch) if self.requested_dtype in ("auto", None) \
             else getattr(torch, self.requested_dtype)
         if self.threads:
@@ -588,14 +611,16 @@ class TransformersProvider(Provider):
         prefix: _Prefix | None = None
         past: _Past | None = None
         if rows and self.share_prefix:
+            rows = _merge_identical(rows)
             shared = _shared_prefix_length(rows)
             if shared > 0:
                 prefix = self._prefix_state(rows[0].tokens[:shared])
             past, rows = self._group_contexts(rows, prefix, shared)
         rows.sort(key=lambda r: (-len(r.tokens), r.tokens))
         start = 0
+        cached = past.mask.shape[1] if past is not None else 0
         while start < len(rows):
-            size = self._batch_rows(rows, start)
+            size = self._batch_rows(rows, start, cached)
             batch = rows[start : start + size]
             try:
                 scored = self._score_batch(batch, past)
@@ -613,8 +638,8 @@ class TransformersProvider(Provider):
                                       "model or another --device") from exc
                 self._auto_batch = max(1, size // 2)
                 continue
-            for row, result in zip(batch, scored):
-                results[row.index] = result
+            for index, result in scored:
+                results[index] = result
             start += size
         if prefix is not None and prefix.new_tokens:  # the shared prefix's cost goes to the first request
             first = next(r for r in results if r is not None and r.continuation_tokens)
@@ -682,23 +707,40 @@ class TransformersProvider(Provider):
         self._prefix = _Prefix(list(tokens), cache, len(tokens) - keep)
         return self._prefix
 
-    def _batch_rows(self, rows: Sequence[_Row], start: int) -> int:
-        """Rows in the next forward pass: --batch-size, or auto (the remembered size, within memory budgets)."""
+    def _batch_rows(self, rows: Sequence[_Row], start: int, cached: int = 0) -> int:
+        """Rows in the next forward pass: --batch-size, or auto (the remembered size, within memory budgets for the
+        padded tokens, the logits read, and the cached context copied for every row)."""
         if self.batch_size is not None:
             return min(self.batch_size, len(rows) - start)
-        budget = _TOKEN_BUDGET.get((self.device or "cpu").split(":")[0], _TOKEN_BUDGET["cpu"])
+        device = (self.device or "cpu").split(":")[0]
+        budget = _TOKEN_BUDGET.get(device, _TOKEN_BUDGET["cpu"])
         max_rows = min(self._auto_batch, max(1, budget // len(rows[start].tokens)))
+        if cached:
+            copy_budget = _CACHE_COPY_BUDGET.get(device, _CACHE_COPY_BUDGET["cpu"])
+            max_rows = min(max_rows, max(1, copy_budget // (cached * self._kv_bytes_per_token())))
         vocab_bytes = 4 * int(getattr(self._model.config, "vocab_size", 0) or len(self._tokenizer))
         size, n_logits = 0, 0
         while start + size < len(rows) and size < max_rows:
-            n_logits += len(rows[start + size].targets)
+            n_logits += rows[start + size].n_keep
             if size and n_logits * vocab_bytes > _LOGITS_BUDGET:
                 break
             size += 1
         return max(1, size)
 
-    def _score_batch(self, batch: Sequence[_Row], past: _Past | None = None) -> list[LoglikelihoodResult]:
-        """One forward pass over ``batch``: rows continue their group's cached context in ``past`` (if any)."""
+    def _kv_bytes_per_token(self) -> int:
+        """Bytes one token takes in the KV cache (keys and values of every layer)."""
+        import torch
+
+        config = getattr(self._model.config, "get_text_config", lambda: self._model.config)()
+        heads = int(getattr(config, "num_attention_heads", 1) or 1)
+        kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+        head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+        element = torch.finfo(self.dtype).bits // 8 if self.dtype is not None else 4
+        return 2 * int(config.num_hidden_layers) * kv_heads * head_dim * element
+
+    def _score_batch(self, batch: Sequence[_Row], past: _Past | None = None) -> list[tuple[int, LoglikelihoodResult]]:
+        """One forward pass over ``batch``: rows continue their group's cached context in ``past`` (if any).
+        Returns (request index, result) for every row and every request reading a row."""
         import torch
 
         model = self._model
@@ -711,7 +753,7 @@ class TransformersProvider(Provider):
             n = len(row.tokens)
             ids[b, :n] = torch.tensor(row.tokens, dtype=torch.long)
             mask[b, cached : cached + n] = 1
-            keep[b, n - len(row.targets) : n] = True  # positions whose logits predict the continuation
+            keep[b, n - row.n_keep : n] = True  # positions whose logits predict the continuation(s)
         kwargs: dict[str, Any] = {"input_ids": ids.to(self.device), "attention_mask": mask}
         if past is not None:
             groups = torch.tensor([row.group for row in batch], dtype=torch.long, device=self.device)
@@ -731,20 +773,21 @@ class TransformersProvider(Provider):
             results = []
             offset = 0
             for row in batch:
-                n = len(row.targets)
+                n = row.n_keep
                 rows_logits = picked[offset : offset + n]
                 offset += n
-                targets = torch.tensor(row.targets, dtype=torch.long, device=rows_logits.device)
                 logprobs = torch.log_softmax(rows_logits.to(torch.float64), dim=-1)
-                logprob = float(logprobs.gather(1, targets[:, None]).sum())
-                greedy = bool((rows_logits.argmax(dim=-1) == targets).all())
-                results.append(LoglikelihoodResult(
-                    logprob=logprob,
-                    is_greedy=greedy,
-                    context_tokens=row.context_tokens,
-                    continuation_tokens=row.continuation_tokens,
-                    evaluated_tokens=len(row.tokens) + row.context_extra,
-                ))
+                best = rows_logits.argmax(dim=-1)
+                for reader in (row, *row.readers):
+                    k = len(reader.targets)
+                    targets = torch.tensor(reader.targets, dtype=torch.long, device=rows_logits.device)
+                    results.append((reader.index, LoglikelihoodResult(
+                        logprob=float(logprobs[n - k :].gather(1, targets[:, None]).sum()),
+                        is_greedy=bool((best[n - k :] == targets).all()),
+                        context_tokens=reader.context_tokens,
+                        continuation_tokens=reader.continuation_tokens,
+                        evaluated_tokens=len(row.tokens) + row.context_extra if reader is row else 0,
+                    )))
         return results
 
     # --- speed probes ----------------------------------------------------------------------------------
