@@ -20,19 +20,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_common import default_data_dir, smollm2_provider
+
 from llmlab_fixtures.datasets import load_docs
-from llmlab_fixtures.embedded import SMOLLM2, embedded_gguf
 from llmlab_fixtures.evaluator import evaluate
-from llmlab_fixtures.providers.base import Provider
 from llmlab_fixtures.providers.llama_cpp import LlamaCppProvider
-from llmlab_fixtures.providers.transformers_backend import ModelSource, TransformersProvider
 from llmlab_fixtures.records import TaskRun
 from llmlab_fixtures.tasks import get_task
-
-
-def default_data_dir() -> Path:
-    env = os.environ.get("LLMLAB_DATA_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 
 
 def settings(backend: str) -> list[tuple[str, bool, int]]:
@@ -53,16 +47,11 @@ def main() -> None:
     task = get_task("gsm8k")
     docs = load_docs(task, args.data_dir)[: args.limit]
     train = load_docs(task, args.data_dir, split="train")
-    gguf = embedded_gguf(SMOLLM2)
     print(f"SmolLM2-135M-Instruct, GSM8K {args.shots}-shot, first {len(docs)} items, {args.threads} threads")
     print(f"{'backend':12} {'setting':22} {'it/s':>6} {'prompt tok/item':>15} {'gen tok/s':>9} {'em strict':>9} "
           f"{'same answers':>12}")
     for backend in args.backends.split(","):
-        if backend == "llama-cpp":
-            provider: Provider = LlamaCppProvider(gguf, "llama-cpp:smollm2-135m", n_threads=args.threads)
-        else:
-            provider = TransformersProvider(ModelSource("gguf", gguf), "transformers:smollm2-135m", device="cpu",
-                                            threads=args.threads)
+        provider = smollm2_provider(backend, args.threads)
         provider.initialize()
         first: TaskRun | None = None
         for label, fixed, per_call in settings(backend):

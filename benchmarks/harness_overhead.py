@@ -22,6 +22,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_common import default_data_dir
+
 from llmlab_fixtures.datasets import load_docs
 from llmlab_fixtures.embedded import SMOLLM2, embedded_gguf
 from llmlab_fixtures.evaluator import evaluate
@@ -30,10 +32,6 @@ from llmlab_fixtures.tasks import get_task
 
 Call = tuple[int, list[int], list[int]]  # (cache length kept, tokens appended, positions whose logits are read)
 
-
-def default_data_dir() -> Path:
-    env = os.environ.get("LLMLAB_DATA_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 
 
 class RecordingProvider(LlamaCppProvider):

@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from bench_common import default_data_dir  # noqa: E402
 from lm_eval_tasks.generate import TASK_NAMES, stock_tasks_dir, write_tasks  # noqa: E402
 
 from llmlab_fixtures.table import text_grid  # noqa: E402
@@ -63,11 +64,6 @@ class Run:
     returncode: int = 0
     output: str = ""  # lm-eval --output_path or llmlab --output-dir
     agreement: dict[str, Any] | None = None  # llmlab runs, with --log-samples: per-item match against lm-eval
-
-
-def default_data_dir() -> Path:
-    env = os.environ.get("LLMLAB_DATA_DIR")
-    return Path(env) if env else ROOT.parent / "shared" / "datasets"
 
 
 def default_gguf() -> Path:

@@ -20,18 +20,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_common import default_data_dir, smollm2_provider
+
 from llmlab_fixtures.datasets import load_docs
-from llmlab_fixtures.embedded import SMOLLM2, embedded_gguf
 from llmlab_fixtures.evaluator import evaluate
 from llmlab_fixtures.providers.base import Provider
 from llmlab_fixtures.providers.llama_cpp import LlamaCppProvider
-from llmlab_fixtures.providers.transformers_backend import ModelSource, TransformersProvider
+from llmlab_fixtures.providers.transformers_backend import TransformersProvider
 from llmlab_fixtures.tasks import get_task
-
-
-def default_data_dir() -> Path:
-    env = os.environ.get("LLMLAB_DATA_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 
 
 def configure(provider: Provider, reuse: bool) -> None:
@@ -54,17 +50,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--data-dir", type=Path, default=default_data_dir())
     args = parser.parse_args()
-    gguf = embedded_gguf(SMOLLM2)
     print(f"SmolLM2-135M-Instruct (Q4_1 GGUF), {args.threads} threads")
     print(f"{'backend':12} {'task':16} {'shots':>5} {'n':>4} {'it/s before':>11} {'it/s after':>10} {'speed-up':>8} "
           f"{'tok/item before':>15} {'tok/item after':>14} {'pp512 tok/s':>11} {'limit it/s':>10} "
           f"{'after/limit':>11} {'same preds':>10} {'acc':>7} {'peak RSS MB':>11}")
     for backend in args.backends.split(","):
-        if backend == "llama-cpp":
-            provider: Provider = LlamaCppProvider(gguf, "llama-cpp:smollm2-135m", n_threads=args.threads)
-        else:
-            provider = TransformersProvider(ModelSource("gguf", gguf), "transformers:smollm2-135m", device="cpu",
-                                            threads=args.threads)
+        provider = smollm2_provider(backend, args.threads)
         provider.initialize()
         provider.time_prompt(512)
         pp = 512 / min(provider.time_prompt(512) for _ in range(3))

@@ -11,19 +11,13 @@ after the first sample (model and data loaded).
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def default_data_dir() -> Path:
-    env = os.environ.get("LLMLAB_DATA_DIR")
-    return Path(env) if env else ROOT.parent / "shared" / "datasets"
+from bench_common import ROOT, default_data_dir
 
 
 def rss_mb(pid: int) -> float | None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -13,14 +12,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_common import default_data_dir
+
 from llmlab_fixtures.embedded import SMOLLM2, embedded_gguf
 from llmlab_fixtures.providers.base import LoglikelihoodRequest, LoglikelihoodResult
 from llmlab_fixtures.providers.llama_cpp import LlamaCppProvider
-
-
-def default_data_dir() -> Path:
-    env = os.environ.get("LLMLAB_DATA_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 
 
 def load_arc(data_dir: Path, limit: int) -> list[list[LoglikelihoodRequest]]:

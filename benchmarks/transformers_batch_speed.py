@@ -10,7 +10,6 @@ items). llama.cpp is timed per item with its prefix cache. Example::
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -18,6 +17,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_common import default_data_dir
 
 from llmlab_fixtures.datasets import load_docs
 from llmlab_fixtures.prompts import ExemplarSampler, loglikelihood_requests
@@ -28,11 +29,6 @@ from llmlab_fixtures.providers.transformers_backend import TransformersProvider,
 from llmlab_fixtures.registry import builtin_models
 from llmlab_fixtures.specs import parse_spec
 from llmlab_fixtures.tasks import get_task
-
-
-def default_data_dir() -> Path:
-    env = os.environ.get("LLMLAB_DATA_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 
 
 def arc_items(data_dir: Path, limit: int, num_fewshot: int | None) -> list[list[LoglikelihoodRequest]]:
