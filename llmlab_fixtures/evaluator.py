@@ -233,29 +233,26 @@ class _WindowItem:
 
 
 def _run_window(provider: Provider, pending: Sequence[_WindowItem]) -> None:
-    """One provider call for every pending item (log-likelihoods, or a batch of generations); each item gets its
-    results and an even share of the call's time. A failed call leaves every item to be run on its own."""
+    """One provider call for every pending item (their log-likelihood requests, or a batch of generations); each
+    item gets its results and an even share of the call's time. A failed call leaves each item to run on its own."""
     prompts = [w.prompt for w in pending if w.prompt is not None]
+    loglik = [p.loglik for p in prompts if p.loglik is not None]
+    generations = [p.generation for p in prompts if p.generation is not None]
+    sizes = [len(requests) for requests in loglik] if loglik else [1] * len(generations)
+    if len(sizes) != len(pending):
+        return
     try:
         started = time.perf_counter()
-        if all(p.loglik is not None for p in prompts):
-            requests = [r for p in prompts for r in p.loglik or ()]
-            results: list[Any] = provider.loglikelihood(requests)
-            sizes = [len(p.loglik or ()) for p in prompts]
-        else:
-            generations = [p.generation for p in prompts if p.generation is not None]
-            requests = generations
-            results = provider.generate_batch(generations)
-            sizes = [1] * len(generations)
+        results: list[Any] = provider.loglikelihood([r for requests in loglik for r in requests]) if loglik \
+            else provider.generate_batch(generations)
         share = (time.perf_counter() - started) / len(pending)
     except Exception:
         return
-    if len(results) != len(requests) or len(sizes) != len(pending):
+    if len(results) != sum(sizes):
         return
     offset = 0
     for w, n in zip(pending, sizes):
-        w.done = (results[offset : offset + n] if w.prompt and w.prompt.loglik is not None else results[offset],
-                  share)
+        w.done = (results[offset : offset + n] if loglik else results[offset], share)
         offset += n
 
 

@@ -177,11 +177,6 @@ def parse_choice_letter(text: str, n_choices: int) -> int | None:
 # --- aggregation -----------------------------------------------------------------------------
 
 
-def scored_items(items: Sequence[ItemRecord]) -> list[ItemRecord]:
-    """Items that produced a score (no ``error``)."""
-    return [item for item in items if item.error is None]
-
-
 def error_count(items: Sequence[ItemRecord]) -> int:
     """Items that failed and are left out of every metric."""
     return sum(1 for item in items if item.error is not None)
@@ -236,12 +231,10 @@ class MetricTally:
         self._present: list[str] = []  # metric names in first-seen order (when scoring is None)
         self._overall: dict[str, _Running] = {}
         self._groups: dict[str, dict[str, _Running]] = {}  # groups in first-seen order
-        self.n_errors = 0
 
     def add(self, item: ItemRecord) -> None:
-        """Count one finished item (an item with an ``error`` only counts as an error)."""
+        """Count one finished item's metrics (an item with an ``error`` has none: ItemTotals counts it)."""
         if item.error is not None:
-            self.n_errors += 1
             return
         for name, value in item.metrics.items():
             if name not in self._present:

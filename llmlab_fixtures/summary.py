@@ -97,7 +97,7 @@ class TaskSummary:
 def summarize(run: TaskRun, *, data_location: str, model_info: dict[str, Any], load: dict[str, Any],
               primary_metric: str | None = None, items_file: str | None = None, n_resumed: int = 0) -> TaskSummary:
     """Aggregate a TaskRun's items into a TaskSummary."""
-    totals = run.totals if run.totals is not None else ItemTotals.of(run.items)
+    totals = run.totals or ItemTotals.of(run.items)  # set by TaskRun.__post_init__; the fallback is for typing
     latencies, scored = list(totals.latencies), totals.n_scored
     prompt, completion, evaluated = totals.prompt_tokens, totals.completion_tokens, totals.evaluated_tokens
     busy = math.fsum(latencies)
