@@ -26,10 +26,8 @@ from llmlab_fixtures.session import (
     BenchSession,
     LoadedModel,
     backend_settings,
-    load_model,
     merge_unloads,
     run_scoring,
-    unload_model,
 )
 from llmlab_fixtures.speed import XDIST_SKIP, SpeedFigure, measure, speed_property
 from llmlab_fixtures.storage import remove_parts, write_run
@@ -173,11 +171,11 @@ def llmlab_session(pytestconfig: pytest.Config) -> BenchSession:
 def model(model_spec: Any, llmlab_session: BenchSession) -> Iterator[LoadedModel]:
     """The requested model, loaded once per worker and closed after its last test."""
     try:
-        loaded = load_model(model_spec, llmlab_session.config)
+        loaded = llmlab_session.load(model_spec)
     except LlmlabError as exc:
         pytest.fail(str(exc), pytrace=False)
     yield loaded
-    unload_model(loaded, llmlab_session.config)
+    llmlab_session.unload(loaded)
 
 
 @pytest.fixture

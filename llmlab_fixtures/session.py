@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from llmlab_fixtures.checkpoint import CheckpointStore, TaskCheckpoint, model_fingerprint
+from llmlab_fixtures.cores import CoreShare, available_cores
 from llmlab_fixtures.cost import CostSettings
 from llmlab_fixtures.datasets import load_docs
 from llmlab_fixtures.energy import measure_energy
@@ -34,16 +35,11 @@ def worker_id() -> str:
 def default_threads(in_process_models: int | None = None) -> int:
     """Physical cores (within this process's CPU affinity) split evenly between the xdist workers that run an
     in-process model: each model is pinned to one worker, so ``-n auto`` with one model keeps every core busy
-    and threads never oversubscribe the CPU."""
-    import psutil
-
-    cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
-    if hasattr(os, "sched_getaffinity"):
-        cores = min(cores, len(os.sched_getaffinity(0)))
+    and threads never oversubscribe the CPU (a worker left alone later takes the others' cores: CoreShare)."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
     if in_process_models:
         workers = min(workers, in_process_models)
-    return max(1, cores // max(1, workers))
+    return max(1, available_cores() // max(1, workers))
 
 
 def backend_settings(config: RunConfig, threads: int | None = None) -> BackendSettings:
@@ -139,6 +135,31 @@ class BenchSession:
         self._progress = progress
         self._last_progress = 0.0
         self._store: CheckpointStore | None = None
+        # under xdist with default threads, workers holding in-process models share the cores between them
+        shares = "PYTEST_XDIST_WORKER" in os.environ and config.threads is None
+        self.cores = CoreShare(config.output_dir / PARTS_DIR / "cores", worker_id()) if shares else None
+
+    def load(self, spec: ModelSpec) -> LoadedModel:
+        """Load ``spec`` for this worker (an in-process model takes its share of the cores)."""
+        model = load_model(spec, self.config)
+        if self.cores is not None and spec.backend in LOGLIK_BACKENDS:
+            self.cores.join(model.load.get("threads") or 1)
+        return model
+
+    def unload(self, model: LoadedModel) -> None:
+        """Close ``model``; its cores go to the workers still running one."""
+        try:
+            unload_model(model, self.config)
+        finally:
+            if self.cores is not None and model.spec.backend in LOGLIK_BACKENDS:
+                self.cores.leave()
+
+    def _rebalance(self, model: LoadedModel) -> None:
+        """Take this worker's current share of the cores (more once other workers have finished)."""
+        if self.cores is not None and model.spec.backend in LOGLIK_BACKENDS:
+            threads = self.cores.changed_threads()
+            if threads is not None and model.provider.set_threads(threads):
+                model.load.setdefault("threads_changed", []).append(threads)
 
     def _checkpoint(self, task_name: str, model: LoadedModel) -> TaskCheckpoint | None:
         """The item cache for one (model, dataset), or None under --no-checkpoint."""
@@ -155,6 +176,10 @@ class BenchSession:
         if self._store is not None:
             self._store.close()
             self._store = None
+
+    def _on_progress(self, model: LoadedModel, label: str, done: int, total: int, started: float) -> None:
+        self._rebalance(model)
+        self._report_progress(label, done, total, started)
 
     def _report_progress(self, label: str, done: int, total: int, started: float) -> None:
         now = time.perf_counter()
@@ -194,7 +219,8 @@ class BenchSession:
                     task, model.provider, docs, model_name=label, fewshot_docs=fewshot_docs, scoring=self.scoring,
                     num_fewshot=config.num_fewshot, seed=config.seed, fixed_fewshot=config.fixed_fewshot,
                     on_item=writer.write, cache=checkpoint, keep_items=False,
-                    progress=lambda done, total: self._report_progress(f"{label} {task.name}", done, total, started),
+                    progress=lambda done, total: self._on_progress(model, f"{label} {task.name}", done, total,
+                                                                   started),
                 )
         finally:
             writer.close()

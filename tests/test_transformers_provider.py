@@ -294,31 +294,33 @@ def test_shared_prefixes_match_scratch(tf_smollm: TransformersProvider, data_dir
 
 
 def test_items_scored_together_match_one_at_a_time(tf_smollm: TransformersProvider, data_dir: Path) -> None:
-    """The evaluator's multi-item calls (contexts batched, shared prefix cached) give each item's scratch scores."""
+    """The evaluator's multi-item calls (shared prefix cached, the rest packed as token trees, large or small) give
+    each item's scratch scores."""
     from llmlab_fixtures.evaluator import evaluate
 
-    saved = tf_smollm.loglik_items_per_call
+    saved, saved_pack = tf_smollm.loglik_items_per_call, tf_smollm._pack_tokens
     mmlu, hellaswag = get_task("mmlu"), get_task("hellaswag")
     cases = [(hellaswag, load_docs(hellaswag, data_dir)[:6], None, 0),  # no shared prefix: contexts batched
              (mmlu, load_docs(mmlu, data_dir)[97:103], load_docs(mmlu, data_dir, split="dev"), 5)]  # subject change
     try:
         for task, docs, fewshot, shots in cases:
             runs = []
-            for window, share in ((4, True), (1, False)):
-                tf_smollm.loglik_items_per_call, tf_smollm._prefix = window, None
+            for window, share, pack in ((4, True, 512), (4, True, 48), (1, False, 512)):  # 48: a tree per few rows
+                tf_smollm.loglik_items_per_call, tf_smollm._prefix, tf_smollm._pack_tokens = window, None, pack
                 with prefix_sharing(tf_smollm, share):
                     runs.append(evaluate(task, tf_smollm, docs, model_name="t", fewshot_docs=fewshot,
                                          scoring="loglik", num_fewshot=shots))
-            together, alone = runs
-            assert not any(r.error for r in together.items)
-            for a, b in zip(together.items, alone.items):
-                assert a.loglikelihoods == pytest.approx(b.loglikelihoods, abs=BATCH_TOL)
-                assert (a.item_id, a.prediction, a.prompt_tokens) == (b.item_id, b.prediction, b.prompt_tokens)
+            alone = runs[-1]
+            for together in runs[:-1]:
+                assert not any(r.error for r in together.items)
+                for a, b in zip(together.items, alone.items):
+                    assert a.loglikelihoods == pytest.approx(b.loglikelihoods, abs=BATCH_TOL)
+                    assert (a.item_id, a.prediction, a.prompt_tokens) == (b.item_id, b.prediction, b.prompt_tokens)
             evaluated = [sum(r.evaluated_tokens for r in run.items) for run in runs]
-            assert evaluated[0] < evaluated[1]
+            assert evaluated[0] <= evaluated[1] < evaluated[2]
             print(f"\n{task.name}: tokens evaluated, items together vs alone from scratch: {evaluated}")
     finally:
-        tf_smollm.loglik_items_per_call = saved
+        tf_smollm.loglik_items_per_call, tf_smollm._pack_tokens = saved, saved_pack
 
 
 def test_long_requests_are_truncated_from_the_left(tf_smollm: TransformersProvider) -> None:

@@ -113,6 +113,10 @@ class Provider(ABC):
         """Seconds to generate ``n_tokens`` tokens one at a time after a one-token prompt (llama-bench's tgN)."""
         raise SpeedProbeUnsupported(f"{self.backend} cannot time raw token generation (no in-process model)")
 
+    def set_threads(self, threads: int) -> bool:
+        """Use ``threads`` CPU threads from the next call on; False where the backend's threads are not ours."""
+        return False
+
     def close(self) -> None:  # noqa: B027 - optional for backends that hold nothing
         """Release the model's memory or connections."""
 

@@ -179,6 +179,13 @@ class LlamaCppProvider(Provider):
             self.close()
             raise
 
+    def set_threads(self, threads: int) -> bool:
+        """Threads for the next decode calls (prompt and generation alike)."""
+        self.n_threads = threads
+        if self._ctx is not None:
+            self._lib.llama_set_n_threads(self._ctx, threads, threads)
+        return True
+
     def _create_context(self, lib: Any, meta: dict[str, Any]) -> None:
         self._vocab = lib.llama_model_get_vocab(self._model)
         self.n_vocab = lib.llama_vocab_n_tokens(self._vocab)

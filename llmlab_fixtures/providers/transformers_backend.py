@@ -7,7 +7,6 @@ every load uses ``local_files_only=True``.
 
 from __future__ import annotations
 
-import copy
 import gc
 import importlib.util
 import inspect
@@ -15,7 +14,7 @@ import json
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +28,16 @@ from llmlab_fixtures.providers.base import (
     ModelInfo,
     Provider,
 )
+from llmlab_fixtures.providers.token_tree import PackedTree, pack_tree
 from llmlab_fixtures.providers.tokens import common_prefix_length, find_stop, probe_tokens, split_context
 
 INSTALL_HINT = "pip install transformers gguf accelerate"
 AUTO_MAX_BATCH = 64  # rows per forward pass where auto batching starts (halved on out-of-memory)
 _TOKEN_BUDGET = {"cpu": 1024, "mps": 65_536, "cuda": 262_144}  # auto: rows x padded length per pass (CPU peaks near 1k)
 _LOGITS_BUDGET = 1 << 30  # auto: bytes of fp32 logits per forward pass (rows' continuation tokens x vocab)
-# auto: bytes of cached context copied for one pass (each row gets its own copy of its group's cached tokens)
-_CACHE_COPY_BUDGET = {"cpu": 256 << 20, "mps": 2 << 30, "cuda": 8 << 30}
+# tokens per packed forward pass (a token tree of many rows): CPU throughput is flat from about 256 tokens, and
+# attention over the packed tokens grows with the square of the count (halved on out-of-memory)
+_PACK_TOKENS = {"cpu": 512, "mps": 4096, "cuda": 4096}
 _DEFAULT_CONTEXT = 2048  # when neither the config nor the tokenizer names a context length (lm-eval's default)
 _MEMORY_CONTEXT = 4096  # tokens of KV cache counted by estimate_memory
 # end-of-turn tokens llama.cpp also treats as end of generation when the vocabulary has them as special tokens
@@ -287,15 +288,6 @@ def _merge_identical(rows: list[_Row]) -> list[_Row]:
 
 
 @dataclass
-class _Past:
-    """Cached contexts that rows continue: one cache row per group, its attention mask and its length."""
-
-    cache: Any  # a DynamicCache with one batch row per group
-    mask: Any  # (groups, cached length) long tensor: 1 for real tokens, 0 for padding between contexts
-    lengths: list[int]  # tokens of each group's context (position of the group's first suffix token)
-
-
-@dataclass
 class _Prefix:
     """A batch-1 KV cache holding ``tokens``; ``new_tokens`` of them were run by the call that built it."""
 
@@ -304,12 +296,11 @@ class _Prefix:
     new_tokens: int
 
 
-def _cache_rows(cache: Any, rows: Any) -> Any:
-    """A cache holding ``cache``'s batch rows ``rows`` (repeats allowed); ``cache`` itself is left as it was."""
-    picked = copy.copy(cache)
-    picked.layers = [copy.copy(layer) for layer in cache.layers]
-    picked.batch_select_indices(rows)
-    return picked
+def _cut_cache(cache: Any, length: int) -> None:
+    """Drop every position of ``cache`` after the first ``length`` (transformers crops by a negative count)."""
+    extra = cache.get_seq_length() - length
+    if extra > 0:
+        cache.crop(-extra)
 
 
 def _has_sliding_window(config: Any) -> bool:
@@ -429,6 +420,8 @@ class TransformersProvider(Provider):
         self.share_prefix = share_prefix  # reuse the KV cache of shared prefixes (off for sliding-window models)
         self._cache_kwarg = "past_key_values"  # the forward's KV cache argument ("cache" from transformers 5.2x)
         self._prefix: _Prefix | None = None
+        self._pack_tokens = _PACK_TOKENS["cpu"]
+        self._attention = "sdpa"  # the model's attention implementation (the packed mask's form depends on it)
 
     # --- lifecycle -------------------------------------------------------------------------------------
 
@@ -462,6 +455,14 @@ class TransformersProvider(Provider):
         if self.threads:
             torch.set_num_threads(self.threads)
         self._guarded(self._load_model)
+
+    def set_threads(self, threads: int) -> bool:
+        """torch's intra-op threads for this process, from the next forward pass on."""
+        import torch
+
+        self.threads = threads
+        torch.set_num_threads(threads)
+        return True
 
     def load_tokenizer(self) -> None:
         """Load only the tokenizer (token counts and checks without the weights); initialize() does this too."""
@@ -511,8 +512,10 @@ class TransformersProvider(Provider):
         self._mask_logits = module is not None and hasattr(module, "slice_logits_to_keep")
         if "cache" in inspect.signature(self._model.forward).parameters:
             self._cache_kwarg = "cache"
-        if _has_sliding_window(self._model.config):
-            self.share_prefix = False  # a sliding-window cache cannot be cut back to an arbitrary prefix
+        self._attention = getattr(self._model.config, "_attn_implementation", None) or "eager"
+        if _has_sliding_window(self._model.config) or self._attention not in ("sdpa", "eager"):
+            self.share_prefix = False  # a sliding-window cache cannot be cut back; other kernels take no tree mask
+        self._pack_tokens = _PACK_TOKENS.get(self.device.split(":")[0], _PACK_TOKENS["cpu"])
         self._setup_tokens()  # again: the model's config and generation config add end-of-generation ids
         config = self._model.config
         limit = next((getattr(config, k) for k in ("max_position_embeddings", "n_positions", "n_ctx")
@@ -589,12 +592,12 @@ class TransformersProvider(Provider):
     # --- log-likelihood ------------------------------------------------------------------------------
 
     def loglikelihood(self, requests: Sequence[LoglikelihoodRequest]) -> list[LoglikelihoodResult]:
-        """Sum of continuation log-probs per request, in right-padded batched forward passes.
+        """Sum of continuation log-probs per request; results come back in the order given.
 
-        The token prefix every request shares (an item's context, and across calls a few-shot block or a fixed
-        primer) is run once into a KV cache that the next call reuses as far as it matches; each request then
-        runs only its own suffix. Rows run longest first (an out-of-memory error shows on the first batch);
-        results come back in the order given.
+        With prefix sharing (the default), the token prefix every request shares (a few-shot block, a fixed
+        primer) is run once into a KV cache that the next call reuses as far as it matches, and the rest is
+        packed as a token tree (each distinct prefix once: an item's context for all its choices, identical
+        inputs once). Without it, each request runs whole in right-padded batches, longest first.
         """
         self._require()
         results: list[LoglikelihoodResult | None] = [None] * len(requests)
@@ -608,22 +611,21 @@ class TransformersProvider(Provider):
                 results[index] = LoglikelihoodResult(0.0, True, len(ctx), len(cont), 0)
                 continue
             rows.append(_Row(index, tokens, seq[len(seq) - n_cont :], len(ctx), len(cont)))
-        prefix: _Prefix | None = None
-        past: _Past | None = None
-        if rows and self.share_prefix:
-            rows = _merge_identical(rows)
-            shared = _shared_prefix_length(rows)
-            if shared > 0:
-                prefix = self._prefix_state(rows[0].tokens[:shared])
-            past, rows = self._group_contexts(rows, prefix, shared)
-        rows.sort(key=lambda r: (-len(r.tokens), r.tokens))
+        packed = rows and self.share_prefix
+        for index, result in self._score_packed(_merge_identical(rows)) if packed else self._score_padded(rows):
+            results[index] = result
+        return [r for r in results if r is not None]
+
+    def _score_padded(self, rows: list[_Row]) -> list[tuple[int, LoglikelihoodResult]]:
+        """Every row whole, in right-padded batches longest first (an out-of-memory error shows on the first)."""
+        rows = sorted(rows, key=lambda r: (-len(r.tokens), r.tokens))
+        scored: list[tuple[int, LoglikelihoodResult]] = []
         start = 0
-        cached = past.mask.shape[1] if past is not None else 0
         while start < len(rows):
-            size = self._batch_rows(rows, start, cached)
+            size = self._batch_rows(rows, start)
             batch = rows[start : start + size]
             try:
-                scored = self._score_batch(batch, past)
+                scored += self._score_batch(batch)
             except Exception as exc:
                 if not is_out_of_memory(exc):
                     raise
@@ -633,55 +635,102 @@ class TransformersProvider(Provider):
                                       f"{len(batch[0].tokens)} tokens; lower --batch-size or use --batch-size auto"
                                       ) from exc
                 if size == 1:
-                    raise LlmlabError(f"{self.name} ran out of memory on {self.device} scoring one row of "
-                                      f"{len(batch[0].tokens)} tokens; use fewer few-shot examples, a smaller "
-                                      "model or another --device") from exc
+                    raise self._one_row_too_big(len(batch[0].tokens)) from exc
                 self._auto_batch = max(1, size // 2)
                 continue
-            for index, result in scored:
-                results[index] = result
             start += size
+        return scored
+
+    def _one_row_too_big(self, n_tokens: int) -> LlmlabError:
+        return LlmlabError(f"{self.name} ran out of memory on {self.device} scoring one row of {n_tokens} tokens; "
+                           "use fewer few-shot examples, a smaller model or another --device")
+
+    def _score_packed(self, rows: list[_Row]) -> list[tuple[int, LoglikelihoodResult]]:
+        """The shared prefix from the KV cache, then the rest packed as token trees of up to ``_pack_tokens``
+        nodes (at most --batch-size rows each when set), one forward pass per tree."""
+        shared = _shared_prefix_length(rows)
+        prefix = self._prefix_state(rows[0].tokens[:shared]) if shared else None
+        rows = sorted(rows, key=lambda r: r.tokens[shared:])  # rows that share a prefix side by side
+        suffixes = [r.tokens[shared:] for r in rows]
+        keep = [r.n_keep for r in rows]
+        vocab_bytes = 4 * int(getattr(self._model.config, "vocab_size", 0) or len(self._tokenizer))
+        scored: list[tuple[int, LoglikelihoodResult]] = []
+        first = 0
+        while first < len(rows):
+            tree = pack_tree(suffixes, keep, first, max_nodes=self._pack_tokens,
+                             max_kept=max(1, _LOGITS_BUDGET // vocab_bytes), max_sequences=self.batch_size)
+            try:
+                scored += self._score_tree(rows[first : first + tree.count], tree, prefix, shared)
+            except Exception as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                self._release_memory()
+                if tree.count == 1:
+                    raise self._one_row_too_big(shared + len(tree.tokens)) from exc
+                if self.batch_size is not None:
+                    raise LlmlabError(f"{self.name} ran out of memory on {self.device} scoring {tree.count} rows "
+                                      "in one pass; lower --batch-size or use --batch-size auto") from exc
+                self._pack_tokens = max(1, len(tree.tokens) // 2)
+                continue
+            first += tree.count
         if prefix is not None and prefix.new_tokens:  # the shared prefix's cost goes to the first request
-            first = next(r for r in results if r is not None and r.continuation_tokens)
-            first.evaluated_tokens += prefix.new_tokens
-        return [r for r in results if r is not None]
+            scored[0][1].evaluated_tokens += prefix.new_tokens
+        return scored
 
-    def _group_contexts(self, rows: list[_Row], prefix: _Prefix | None, shared: int) -> tuple[_Past | None, list[_Row]]:
-        """Run each group's own context (rows with the same tokens before their continuation: one item's choices)
-        once, in one padded batch after the prefix all rows share; return the cache and the rows' remaining
-        suffixes. The context tokens run here count as evaluated for each group's first row."""
+    def _score_tree(self, rows: Sequence[_Row], tree: PackedTree, prefix: _Prefix | None,
+                    shared: int) -> list[tuple[int, LoglikelihoodResult]]:
+        """One forward pass over a packed token tree after ``shared`` cached tokens: each node attends to the
+        cached prefix, its ancestors and itself, at position ``shared`` + its depth."""
         import torch
-        from transformers import DynamicCache
 
-        groups: dict[tuple[int, ...], list[_Row]] = {}
-        for row in rows:
-            groups.setdefault(tuple(row.tokens[: row.first_target]), []).append(row)
-        starts = [max(shared, _shared_prefix_length(members)) for members in groups.values()]
-        if len(groups) == 1 or (shared == 0 and min(starts) == 0):  # one context, or a group with nothing to cache
-            if prefix is None:
-                return None, rows
-            past = _Past(prefix.cache, torch.ones((1, shared), dtype=torch.long, device=self.device), [shared])
-            return past, [replace(r, tokens=r.tokens[shared:]) for r in rows]
-        width = max(starts) - shared
-        ids = torch.full((len(groups), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(groups), shared + width), dtype=torch.long)
-        mask[:, :shared] = 1
-        suffixes: list[_Row] = []
-        for g, (members, start) in enumerate(zip(groups.values(), starts)):
-            segment = members[0].tokens[shared:start]
-            ids[g, : len(segment)] = torch.tensor(segment, dtype=torch.long)
-            mask[g, shared : shared + len(segment)] = 1
-            for i, row in enumerate(members):
-                extra = len(segment) if i == 0 else 0  # the context's tokens go to the group's first row
-                suffixes.append(replace(row, tokens=row.tokens[start:], group=g, context_extra=extra))
-        mask = mask.to(self.device)
-        cache = _cache_rows(prefix.cache, torch.zeros(len(groups), dtype=torch.long, device=self.device)) \
-            if prefix is not None else DynamicCache(config=self._model.config)
-        positions = torch.arange(shared, shared + width, device=self.device)[None, :].expand(len(groups), -1)
+        n = len(tree.tokens)
+        allowed = torch.zeros((n, shared + n), dtype=torch.bool)
+        allowed[:, :shared] = True
+        for node, parent in enumerate(tree.parents):
+            if parent >= 0:
+                allowed[node] = allowed[parent]
+            allowed[node, shared + node] = True
+        if self._attention != "sdpa":  # eager attention adds the mask to its scores
+            allowed = torch.zeros(allowed.shape, dtype=self.dtype).masked_fill_(~allowed, torch.finfo(self.dtype).min)
+        keep = torch.zeros((1, n), dtype=torch.bool)
+        keep[0, tree.kept] = True
+        kwargs: dict[str, Any] = {
+            "input_ids": torch.tensor([tree.tokens], dtype=torch.long, device=self.device),
+            "position_ids": torch.tensor([tree.depths], dtype=torch.long, device=self.device) + shared,
+            "attention_mask": allowed[None, None].to(self.device),
+            "use_cache": prefix is not None,
+        }
+        if prefix is not None:
+            kwargs[self._cache_kwarg] = prefix.cache
+        if self._mask_logits:
+            kwargs["logits_to_keep"] = keep.to(self.device)
+        try:
+            with torch.inference_mode():
+                logits = self._model(**kwargs).logits
+        finally:
+            if prefix is not None:
+                _cut_cache(prefix.cache, shared)  # the tree's tokens leave the cache; the shared prefix stays
         with torch.inference_mode():
-            self._model(input_ids=ids.to(self.device), attention_mask=mask, position_ids=positions, use_cache=True,
-                        logits_to_keep=1, **{self._cache_kwarg: cache})
-        return _Past(cache, mask, starts), suffixes
+            picked = logits if self._mask_logits else logits[0][keep[0].to(logits.device)]  # [kept nodes, vocab]
+            del logits
+            normalizer = torch.logsumexp(picked.float(), dim=-1).double()  # fp32 is exact to ~1e-6 nat here
+            best = picked.argmax(dim=-1)
+            position = {node: i for i, node in enumerate(tree.kept)}
+            results = []
+            for row, path, new in zip(rows, tree.paths, tree.new_nodes):
+                for reader in (row, *row.readers):
+                    where = torch.tensor([position[node] for node in path[len(path) - len(reader.targets):]],
+                                         dtype=torch.long, device=picked.device)
+                    targets = torch.tensor(reader.targets, dtype=torch.long, device=picked.device)
+                    target_logits = picked[where].gather(1, targets[:, None])[:, 0].double()
+                    results.append((reader.index, LoglikelihoodResult(
+                        logprob=float((target_logits - normalizer[where]).sum()),
+                        is_greedy=bool((best[where] == targets).all()),
+                        context_tokens=reader.context_tokens,
+                        continuation_tokens=reader.continuation_tokens,
+                        evaluated_tokens=new if reader is row else 0,
+                    )))
+        return results
 
     def _prefix_state(self, tokens: list[int]) -> _Prefix:
         """A batch-1 KV cache holding exactly ``tokens``: the previous call's cache cut back to the common prefix,
@@ -695,8 +744,7 @@ class TransformersProvider(Provider):
             cache = DynamicCache(config=self._model.config)
         else:
             cache = held.cache
-            if keep < len(held.tokens):
-                cache.crop(keep - len(held.tokens))  # a negative count removes that many positions
+            _cut_cache(cache, keep)
         if keep < len(tokens):
             ids = torch.tensor([tokens[keep:]], dtype=torch.long, device=self.device)
             positions = torch.arange(keep, len(tokens), device=self.device)[None, :]
@@ -707,17 +755,14 @@ class TransformersProvider(Provider):
         self._prefix = _Prefix(list(tokens), cache, len(tokens) - keep)
         return self._prefix
 
-    def _batch_rows(self, rows: Sequence[_Row], start: int, cached: int = 0) -> int:
-        """Rows in the next forward pass: --batch-size, or auto (the remembered size, within memory budgets for the
-        padded tokens, the logits read, and the cached context copied for every row)."""
+    def _batch_rows(self, rows: Sequence[_Row], start: int) -> int:
+        """Rows in the next padded forward pass: --batch-size, or auto (the remembered size, within memory budgets
+        for the padded tokens and the logits read)."""
         if self.batch_size is not None:
             return min(self.batch_size, len(rows) - start)
         device = (self.device or "cpu").split(":")[0]
         budget = _TOKEN_BUDGET.get(device, _TOKEN_BUDGET["cpu"])
         max_rows = min(self._auto_batch, max(1, budget // len(rows[start].tokens)))
-        if cached:
-            copy_budget = _CACHE_COPY_BUDGET.get(device, _CACHE_COPY_BUDGET["cpu"])
-            max_rows = min(max_rows, max(1, copy_budget // (cached * self._kv_bytes_per_token())))
         vocab_bytes = 4 * int(getattr(self._model.config, "vocab_size", 0) or len(self._tokenizer))
         size, n_logits = 0, 0
         while start + size < len(rows) and size < max_rows:
@@ -727,67 +772,42 @@ class TransformersProvider(Provider):
             size += 1
         return max(1, size)
 
-    def _kv_bytes_per_token(self) -> int:
-        """Bytes one token takes in the KV cache (keys and values of every layer)."""
+    def _score_batch(self, batch: Sequence[_Row]) -> list[tuple[int, LoglikelihoodResult]]:
+        """One right-padded forward pass over ``batch`` (rows sorted longest first); (request index, result) for
+        every row."""
         import torch
 
-        config = getattr(self._model.config, "get_text_config", lambda: self._model.config)()
-        heads = int(getattr(config, "num_attention_heads", 1) or 1)
-        kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
-        head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
-        element = torch.finfo(self.dtype).bits // 8 if self.dtype is not None else 4
-        return 2 * int(config.num_hidden_layers) * kv_heads * head_dim * element
-
-    def _score_batch(self, batch: Sequence[_Row], past: _Past | None = None) -> list[tuple[int, LoglikelihoodResult]]:
-        """One forward pass over ``batch``: rows continue their group's cached context in ``past`` (if any).
-        Returns (request index, result) for every row and every request reading a row."""
-        import torch
-
-        model = self._model
-        width = len(batch[0].tokens)  # rows are sorted longest first
-        cached = past.mask.shape[1] if past is not None else 0
+        width = len(batch[0].tokens)
         ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), cached + width), dtype=torch.long, device=self.device)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
         keep = torch.zeros((len(batch), width), dtype=torch.bool)
         for b, row in enumerate(batch):
             n = len(row.tokens)
             ids[b, :n] = torch.tensor(row.tokens, dtype=torch.long)
-            mask[b, cached : cached + n] = 1
-            keep[b, n - row.n_keep : n] = True  # positions whose logits predict the continuation(s)
-        kwargs: dict[str, Any] = {"input_ids": ids.to(self.device), "attention_mask": mask}
-        if past is not None:
-            groups = torch.tensor([row.group for row in batch], dtype=torch.long, device=self.device)
-            mask[:, :cached] = past.mask[groups]
-            starts = torch.tensor([past.lengths[row.group] for row in batch], device=self.device)
-            positions = starts[:, None] + torch.arange(width, device=self.device)[None, :]
-            kwargs.update({"position_ids": positions, "use_cache": True,
-                           self._cache_kwarg: _cache_rows(past.cache, groups)})
-        else:
-            kwargs["use_cache"] = False
+            mask[b, :n] = 1
+            keep[b, n - row.n_keep : n] = True  # positions whose logits predict the continuation
+        kwargs: dict[str, Any] = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device),
+                                  "use_cache": False}
         if self._mask_logits:
             kwargs["logits_to_keep"] = keep.to(self.device)
         with torch.inference_mode():
-            logits = model(**kwargs).logits
+            logits = self._model(**kwargs).logits
             picked = logits if self._mask_logits else logits[keep.to(logits.device)]  # [total targets, vocab]
             del logits
             results = []
             offset = 0
             for row in batch:
                 n = row.n_keep
-                rows_logits = picked[offset : offset + n]
+                logprobs = torch.log_softmax(picked[offset : offset + n].to(torch.float64), dim=-1)
+                targets = torch.tensor(row.targets, dtype=torch.long, device=picked.device)
+                results.append((row.index, LoglikelihoodResult(
+                    logprob=float(logprobs.gather(1, targets[:, None]).sum()),
+                    is_greedy=bool((picked[offset : offset + n].argmax(dim=-1) == targets).all()),
+                    context_tokens=row.context_tokens,
+                    continuation_tokens=row.continuation_tokens,
+                    evaluated_tokens=len(row.tokens),
+                )))
                 offset += n
-                logprobs = torch.log_softmax(rows_logits.to(torch.float64), dim=-1)
-                best = rows_logits.argmax(dim=-1)
-                for reader in (row, *row.readers):
-                    k = len(reader.targets)
-                    targets = torch.tensor(reader.targets, dtype=torch.long, device=rows_logits.device)
-                    results.append((reader.index, LoglikelihoodResult(
-                        logprob=float(logprobs[n - k :].gather(1, targets[:, None]).sum()),
-                        is_greedy=bool((best[n - k :] == targets).all()),
-                        context_tokens=reader.context_tokens,
-                        continuation_tokens=reader.continuation_tokens,
-                        evaluated_tokens=len(row.tokens) + row.context_extra if reader is row else 0,
-                    )))
         return results
 
     # --- speed probes ----------------------------------------------------------------------------------
