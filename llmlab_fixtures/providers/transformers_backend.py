@@ -259,8 +259,6 @@ class _Row:
     targets: list[int]  # the continuation tokens the last len(targets) positions predict
     context_tokens: int
     continuation_tokens: int
-    group: int = 0  # which cached context the row continues (see _Past)
-    context_extra: int = 0  # context tokens run for this row's group, counted as evaluated by this row
     readers: list[_Row] = field(default_factory=list)  # other requests with the same tokens: they read this row
 
     @property
@@ -376,11 +374,11 @@ class _GenerationWatch:
 
 
 class TransformersProvider(Provider):
-    """A causal LM loaded in this process with transformers; right-padded batched scoring, left-padded generation."""
+    """A causal LM loaded in this process with transformers; packed (token-tree) scoring, left-padded generation."""
 
     backend = "transformers"
     supports_loglikelihood = True
-    loglik_items_per_call = 16  # items per loglikelihood() call: their contexts run in one padded batch
+    loglik_items_per_call = 16  # items per loglikelihood() call: their requests are packed as token trees
     generation_items_per_call = 8  # prompts per generate_batch() call: each new token is one batched step
 
     def __init__(
