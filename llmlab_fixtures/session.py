@@ -139,11 +139,15 @@ class BenchSession:
         shares = "PYTEST_XDIST_WORKER" in os.environ and config.threads is None
         self.cores = CoreShare(config.output_dir / PARTS_DIR / "cores", worker_id()) if shares else None
 
+    def _core_share(self, spec: ModelSpec) -> CoreShare | None:
+        """The core share ``spec`` takes part in: an in-process model under xdist with default threads."""
+        return self.cores if spec.backend in LOGLIK_BACKENDS else None
+
     def load(self, spec: ModelSpec) -> LoadedModel:
         """Load ``spec`` for this worker (an in-process model takes its share of the cores)."""
         model = load_model(spec, self.config)
-        if self.cores is not None and spec.backend in LOGLIK_BACKENDS:
-            self.cores.join(model.load.get("threads") or 1)
+        if (share := self._core_share(spec)) is not None:
+            share.join(model.load.get("threads") or 1)
         return model
 
     def unload(self, model: LoadedModel) -> None:
@@ -151,13 +155,13 @@ class BenchSession:
         try:
             unload_model(model, self.config)
         finally:
-            if self.cores is not None and model.spec.backend in LOGLIK_BACKENDS:
-                self.cores.leave()
+            if (share := self._core_share(model.spec)) is not None:
+                share.leave()
 
     def _rebalance(self, model: LoadedModel) -> None:
         """Take this worker's current share of the cores (more once other workers have finished)."""
-        if self.cores is not None and model.spec.backend in LOGLIK_BACKENDS:
-            threads = self.cores.changed_threads()
+        if (share := self._core_share(model.spec)) is not None:
+            threads = share.changed_threads()
             if threads is not None and model.provider.set_threads(threads):
                 model.load.setdefault("threads_changed", []).append(threads)
 

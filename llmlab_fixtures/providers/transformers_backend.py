@@ -651,12 +651,11 @@ class TransformersProvider(Provider):
         rows = sorted(rows, key=lambda r: r.tokens[shared:])  # rows that share a prefix side by side
         suffixes = [r.tokens[shared:] for r in rows]
         keep = [r.n_keep for r in rows]
-        vocab_bytes = 4 * int(getattr(self._model.config, "vocab_size", 0) or len(self._tokenizer))
         scored: list[tuple[int, LoglikelihoodResult]] = []
         first = 0
         while first < len(rows):
             tree = pack_tree(suffixes, keep, first, max_nodes=self._pack_tokens,
-                             max_kept=max(1, _LOGITS_BUDGET // vocab_bytes), max_sequences=self.batch_size)
+                             max_kept=max(1, _LOGITS_BUDGET // self._logits_row_bytes()), max_sequences=self.batch_size)
             try:
                 scored += self._score_tree(rows[first : first + tree.count], tree, prefix, shared)
             except Exception as exc:
@@ -761,7 +760,7 @@ class TransformersProvider(Provider):
         device = (self.device or "cpu").split(":")[0]
         budget = _TOKEN_BUDGET.get(device, _TOKEN_BUDGET["cpu"])
         max_rows = min(self._auto_batch, max(1, budget // len(rows[start].tokens)))
-        vocab_bytes = 4 * int(getattr(self._model.config, "vocab_size", 0) or len(self._tokenizer))
+        vocab_bytes = self._logits_row_bytes()
         size, n_logits = 0, 0
         while start + size < len(rows) and size < max_rows:
             n_logits += rows[start + size].n_keep
@@ -769,6 +768,10 @@ class TransformersProvider(Provider):
                 break
             size += 1
         return max(1, size)
+
+    def _logits_row_bytes(self) -> int:
+        """Bytes of one position's fp32 logits (the whole vocabulary)."""
+        return 4 * int(getattr(self._model.config, "vocab_size", 0) or len(self._tokenizer))
 
     def _score_batch(self, batch: Sequence[_Row]) -> list[tuple[int, LoglikelihoodResult]]:
         """One right-padded forward pass over ``batch`` (rows sorted longest first); (request index, result) for
