@@ -9,6 +9,7 @@ from pathlib import Path
 
 from llmlab_fixtures.embedded import default_cache_dir
 from llmlab_fixtures.errors import ConfigError
+from llmlab_fixtures.providers.gguf_conversion import converted_entries
 from llmlab_fixtures.registry import ModelEntry
 
 MODEL_SUFFIXES = (".gguf", ".safetensors", ".bin", ".pt", ".pth")
@@ -16,9 +17,10 @@ MODEL_SUFFIXES = (".gguf", ".safetensors", ".bin", ".pt", ".pth")
 
 @dataclass(frozen=True)
 class CacheEntry:
-    """One cached model: a Hugging Face repo folder, or a file in llmlab's cache (assembled Gemma)."""
+    """One cached model: a Hugging Face repo folder, a file in llmlab's cache (assembled Gemma), or a GGUF's
+    conversion for transformers."""
 
-    kind: str  # "hf" or "llmlab"
+    kind: str  # "hf", "llmlab" or "converted"
     name: str  # repo id, or the file name
     path: Path  # what ``remove`` deletes
     size: int
@@ -66,8 +68,20 @@ def llmlab_cache_entries(models: dict[str, ModelEntry]) -> list[CacheEntry]:
     return entries
 
 
+def converted_cache_entries(models: dict[str, ModelEntry]) -> list[CacheEntry]:
+    """GGUF files converted for transformers (tokenizer and dequantised weights) in $LLMLAB_CACHE_DIR/converted."""
+    entries = []
+    for root, facts in converted_entries():
+        source = Path(str(facts.get("gguf", ""))).name
+        aliases = tuple(alias for alias, e in models.items() if source and (e.gguf or {}).get("file") == source)
+        files = [p for p in root.rglob("*") if p.is_file()]
+        entries.append(CacheEntry("converted", root.name, root, sum(p.stat().st_size for p in files),
+                                  tuple(sorted(str(p.relative_to(root)) for p in files)), aliases))
+    return entries
+
+
 def cache_entries(models: dict[str, ModelEntry]) -> list[CacheEntry]:
-    return hf_cache_entries(models) + llmlab_cache_entries(models)
+    return hf_cache_entries(models) + llmlab_cache_entries(models) + converted_cache_entries(models)
 
 
 def matching(entries: list[CacheEntry], target: str) -> list[CacheEntry]:
@@ -82,8 +96,8 @@ def matching(entries: list[CacheEntry], target: str) -> list[CacheEntry]:
 
 
 def remove_entry(entry: CacheEntry) -> None:
-    """Delete a cached repo folder, or an llmlab cache file with its verification marker and lock."""
-    if entry.kind == "hf":
+    """Delete a cached repo folder or conversion, or an llmlab cache file with its verification marker and lock."""
+    if entry.kind in ("hf", "converted"):
         shutil.rmtree(entry.path)
         return
     for suffix in ("", ".verified.json", ".lock"):

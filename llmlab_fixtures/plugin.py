@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from llmlab_fixtures.auto_workers import auto_workers_line
 from llmlab_fixtures.availability import UnavailableModel, split_available
 from llmlab_fixtures.collect import ResultCollector, summary_property
 from llmlab_fixtures.comparison import Report, terminal_lines
@@ -149,6 +150,8 @@ def pytest_report_header(config: pytest.Config) -> list[str] | None:
     if run.local_only:
         lines.append("llmlab: --local-only: connections to anything but loopback are refused for this run")
     lines += [f"llmlab: {u.line}" for u in run.unavailable]
+    if auto := auto_workers_line(config):
+        lines.append(auto)
     return lines
 
 

@@ -28,6 +28,7 @@ from llmlab_fixtures.providers.base import (
     ModelInfo,
     Provider,
 )
+from llmlab_fixtures.providers.gguf_conversion import GgufConversion, conversion_cache_enabled
 from llmlab_fixtures.providers.token_tree import PackedTree, pack_tree
 from llmlab_fixtures.providers.tokens import common_prefix_length, find_stop, probe_tokens, split_context
 
@@ -420,6 +421,7 @@ class TransformersProvider(Provider):
         self._prefix: _Prefix | None = None
         self._pack_tokens = _PACK_TOKENS["cpu"]
         self._attention = "sdpa"  # the model's attention implementation (the packed mask's form depends on it)
+        self._conversion_state: str | None = None  # GGUF sources: "converted now" or "loaded saved"
 
     # --- lifecycle -------------------------------------------------------------------------------------
 
@@ -479,21 +481,34 @@ class TransformersProvider(Provider):
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelUnavailable(f"transformers could not load {self.source.path}: {first}") from exc
 
-    def _where(self) -> dict[str, Any]:
-        """from_pretrained's location arguments: the GGUF's directory and file name, or the model directory."""
+    def _where(self, converted: Path | None = None) -> dict[str, Any]:
+        """from_pretrained's location arguments: a saved conversion of the GGUF, the GGUF's directory and file
+        name, or the model directory."""
         import transformers
 
         transformers.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
+        if converted is not None:
+            return {"pretrained_model_name_or_path": str(converted), "local_files_only": True}
         if self.source.is_gguf:
             return {"pretrained_model_name_or_path": str(self.source.path.parent),
                     "gguf_file": self.source.path.name, "local_files_only": True}
         return {"pretrained_model_name_or_path": str(self.source.path), "local_files_only": True}
 
+    def _conversion(self) -> GgufConversion | None:
+        """Where this GGUF's converted tokenizer and weights are saved; None for other sources or cache off."""
+        if not self.source.is_gguf or not conversion_cache_enabled():
+            return None
+        return GgufConversion.for_file(self.source.path)
+
     def _load_tokenizer(self) -> None:
         from transformers import AutoTokenizer
 
-        self._tokenizer = AutoTokenizer.from_pretrained(**self._where())
+        conversion = self._conversion()
+        converted = conversion.tokenizer_dir() if conversion else None
+        self._tokenizer = AutoTokenizer.from_pretrained(**self._where(converted))
+        if conversion and converted is None:
+            conversion.save_tokenizer(self._tokenizer)
         self._setup_tokens()
 
     def _load_model(self) -> None:
@@ -504,7 +519,13 @@ class TransformersProvider(Provider):
             self._load_tokenizer()
         dtype_key = "dtype" if _version_at_least(transformers.__version__, (4, 56)) else "torch_dtype"
         placement = {} if self.device == "cpu" else {"device_map": {"": self.device}}  # straight onto the GPU
-        model = AutoModelForCausalLM.from_pretrained(**self._where(), **{dtype_key: self.dtype}, **placement)
+        conversion = self._conversion()
+        dtype_name = str(self.dtype).removeprefix("torch.")
+        converted = conversion.model_dir(dtype_name) if conversion else None
+        model = AutoModelForCausalLM.from_pretrained(**self._where(converted), **{dtype_key: self.dtype}, **placement)
+        if conversion and converted is None:
+            conversion.save_model(model, dtype_name)
+        self._conversion_state = None if conversion is None else "loaded saved" if converted else "converted now"
         self._model = model.to(self.device).eval()
         module = sys.modules.get(type(self._model).__module__)
         self._mask_logits = module is not None and hasattr(module, "slice_logits_to_keep")
@@ -977,6 +998,7 @@ class TransformersProvider(Provider):
             "threads": self.threads,
             "seed": self.seed,
             "prefix_sharing": self.share_prefix,
+            "gguf_conversion": self._conversion_state,  # "converted now" or "loaded saved" (GGUF sources)
         }
         if model is not None:
             import torch
