@@ -64,6 +64,7 @@ class Run:
     returncode: int = 0
     output: str = ""  # lm-eval --output_path or llmlab --output-dir
     agreement: dict[str, Any] | None = None  # llmlab runs, with --log-samples: per-item match against lm-eval
+    conversion: str | None = None  # llmlab transformers on a GGUF: "converted now" or "loaded saved"
 
 
 def default_gguf() -> Path:
@@ -166,6 +167,12 @@ def lm_eval_load_seconds(args: argparse.Namespace, work: Path) -> dict[str, floa
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _status(run: Run) -> str:
+    """ok / exit N, and for a GGUF on llmlab's transformers whether its saved conversion was loaded."""
+    status = "ok" if run.returncode == 0 else f"exit {run.returncode}"
+    return f"{status} ({run.conversion})" if run.conversion else status
+
+
 def run_llmlab(args: argparse.Namespace, task: str, spec: str, work: Path) -> Run:
     """One ``pytest bench`` process scoring llmlab's ``task`` on model ``spec``."""
     slug = spec.replace(":", "_").replace("/", "_")
@@ -190,6 +197,7 @@ def run_llmlab(args: argparse.Namespace, task: str, spec: str, work: Path) -> Ru
                 run.metrics = {k: float(v["value"]) for k, v in row.get("metrics", {}).items() if k in METRICS}
                 run.n_items, run.eval_s = row.get("n_items"), row.get("wall_s")
                 run.load_s = (row.get("load") or {}).get("load_s")
+                run.conversion = ((row.get("model_info") or {}).get("extra") or {}).get("gguf_conversion")
     return run
 
 
@@ -334,7 +342,7 @@ def task_report(task: str, runs: list[Run], shots: int) -> list[str]:
     metric_names = [m for m in METRICS if any(m in r.metrics for r in runs)]
     header = ["side", "setting", "items", *metric_names, "wall_s", "eval_s", "load_s", "status"]
     rows = [[r.side, r.setting, _num(r.n_items, 0), *(_num(r.metrics.get(m), 4) for m in metric_names),
-             _num(r.wall_s), _num(r.eval_s), _num(r.load_s), "ok" if r.returncode == 0 else f"exit {r.returncode}"]
+             _num(r.wall_s), _num(r.eval_s), _num(r.load_s), _status(r)]
             for r in runs]
     lines = [f"{task} ({shots}-shot)", *text_grid(header, rows, markdown=False)]
     theirs, ours = fastest(runs, "lm-eval", "wall_s"), fastest(runs, "llmlab", "wall_s")

@@ -90,6 +90,12 @@ class GgufConversion:
 
         self._save(f"model-{dtype}", save, needed=needed)
 
+    def discard(self, folder: Path, error: BaseException) -> None:
+        """Delete a saved part that failed to load (the GGUF is converted again)."""
+        _log.warning("the saved conversion %s failed to load (%s); converting %s again", folder, error,
+                     self.gguf.name)
+        shutil.rmtree(folder, ignore_errors=True)
+
     def _save(self, name: str, write: Any, *, needed: int) -> None:
         """``write(folder)`` into a private folder, then rename it into place (concurrent savers: first one wins)."""
         target = self.root / name

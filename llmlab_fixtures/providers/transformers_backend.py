@@ -501,13 +501,24 @@ class TransformersProvider(Provider):
             return None
         return GgufConversion.for_file(self.source.path)
 
+    def _pretrained(self, load: Any, conversion: GgufConversion | None, saved: Path | None,
+                    **kwargs: Any) -> tuple[Any, bool]:
+        """``load`` (a from_pretrained) from the saved conversion when there is one, else from the source, and
+        whether the saved one was used; a saved conversion that fails to load is deleted (and converted again)."""
+        if conversion is not None and saved is not None:
+            try:
+                return load(**self._where(saved), **kwargs), True
+            except Exception as exc:  # whatever broke the saved copy (safetensors raises its own error type)
+                conversion.discard(saved, exc)
+        return load(**self._where(), **kwargs), False
+
     def _load_tokenizer(self) -> None:
         from transformers import AutoTokenizer
 
         conversion = self._conversion()
-        converted = conversion.tokenizer_dir() if conversion else None
-        self._tokenizer = AutoTokenizer.from_pretrained(**self._where(converted))
-        if conversion and converted is None:
+        saved = conversion.tokenizer_dir() if conversion else None
+        self._tokenizer, from_saved = self._pretrained(AutoTokenizer.from_pretrained, conversion, saved)
+        if conversion and not from_saved:
             conversion.save_tokenizer(self._tokenizer)
         self._setup_tokens()
 
@@ -521,11 +532,13 @@ class TransformersProvider(Provider):
         placement = {} if self.device == "cpu" else {"device_map": {"": self.device}}  # straight onto the GPU
         conversion = self._conversion()
         dtype_name = str(self.dtype).removeprefix("torch.")
-        converted = conversion.model_dir(dtype_name) if conversion else None
-        model = AutoModelForCausalLM.from_pretrained(**self._where(converted), **{dtype_key: self.dtype}, **placement)
-        if conversion and converted is None:
-            conversion.save_model(model, dtype_name)
-        self._conversion_state = None if conversion is None else "loaded saved" if converted else "converted now"
+        saved = conversion.model_dir(dtype_name) if conversion else None
+        model, from_saved = self._pretrained(AutoModelForCausalLM.from_pretrained, conversion, saved,
+                                             **{dtype_key: self.dtype}, **placement)
+        if conversion is not None:
+            if not from_saved:
+                conversion.save_model(model, dtype_name)
+            self._conversion_state = "loaded saved" if from_saved else "converted now"
         self._model = model.to(self.device).eval()
         module = sys.modules.get(type(self._model).__module__)
         self._mask_logits = module is not None and hasattr(module, "slice_logits_to_keep")
