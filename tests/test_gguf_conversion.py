@@ -87,6 +87,28 @@ def test_a_changed_gguf_or_a_crashed_save_is_not_read(tmp_path: Path) -> None:
     assert first.model_dir("float32") is None and first.tokenizer_dir() is None
 
 
+def test_a_new_conversion_removes_those_of_changed_ggufs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reinstalled package (same path, new mtime) must not leave its old 500 MB conversion behind."""
+    monkeypatch.setenv("LLMLAB_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("LLMLAB_CONVERSION_CACHE", raising=False)
+    first, second = tmp_path / "first.gguf", tmp_path / "second.gguf"
+    for copy in (first, second):
+        shutil.copyfile(embedded_gguf(SMOLLM2), copy)
+
+    def convert(gguf: Path) -> Path:
+        provider = make_provider(parse_spec(f"transformers:{gguf}", builtin_models()), SETTINGS)
+        provider.load_tokenizer()
+        provider.close()
+        return GgufConversion.for_file(gguf).root
+
+    old_first, kept = convert(first), convert(second)
+    assert old_first.is_dir() and kept.is_dir()  # both GGUFs are as they were converted
+    os.utime(first, ns=(first.stat().st_atime_ns, first.stat().st_mtime_ns + 10**9))  # "reinstalled"
+    new_first = convert(first)
+    assert new_first != old_first and new_first.is_dir() and kept.is_dir()
+    assert not old_first.exists()
+
+
 def test_cache_off_writes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LLMLAB_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("LLMLAB_CONVERSION_CACHE", "0")

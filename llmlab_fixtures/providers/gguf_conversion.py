@@ -6,8 +6,10 @@ conversion (``tokenizer.json`` and safetensors) loads in under a second with bit
 
 A conversion lives in ``$LLMLAB_CACHE_DIR/converted/<gguf stem>-<key>/`` (``tokenizer/``, ``model-<dtype>/``,
 ``source.json``); the key hashes the GGUF's absolute path, size and modification time and the transformers
-version, so a replaced file or a new transformers converts again. ``llmlab cache list`` shows the conversions and
-``llmlab cache remove`` deletes them; ``LLMLAB_CONVERSION_CACHE=0`` turns the cache off.
+version, so a replaced file or a new transformers converts again, and each new conversion deletes the ones whose
+GGUF is gone or changed (a reinstalled package, a new transformers), so stale copies do not pile up.
+``llmlab cache list`` shows the conversions and ``llmlab cache remove`` deletes them; ``LLMLAB_CONVERSION_CACHE=0``
+turns the cache off.
 """
 
 from __future__ import annotations
@@ -90,6 +92,19 @@ class GgufConversion:
 
         self._save(f"model-{dtype}", save, needed=needed)
 
+    def _remove_stale(self) -> None:
+        """Delete the other conversions whose GGUF no longer exists as it was converted, or whose transformers
+        version is not this one."""
+        for root, facts in converted_entries(self.root.parent.parent):
+            if root == self.root or not facts:
+                continue
+            try:
+                current = _source_facts(Path(str(facts.get("gguf"))))
+            except OSError:
+                current = None  # the GGUF is gone
+            if current != facts:
+                shutil.rmtree(root, ignore_errors=True)
+
     def discard(self, folder: Path, error: BaseException) -> None:
         """Delete a saved part that failed to load (the GGUF is converted again)."""
         _log.warning("the saved conversion %s failed to load (%s); converting %s again", folder, error,
@@ -110,6 +125,7 @@ class GgufConversion:
             shutil.rmtree(partial, ignore_errors=True)
             write(partial)
             os.replace(partial, target)
+            self._remove_stale()
         except OSError as exc:
             if not target.is_dir():
                 _log.warning("could not save the converted %s of %s in %s: %s", name, self.gguf.name, self.root, exc)
