@@ -4,7 +4,10 @@
 an item's context once for all its choices, prefixes shared across items (TruthfulQA's primer, MMLU's description
 and few-shot block) kept in the KV cache, and for transformers several items' contexts batched in one call.
 The limit column is the backend's prompt-processing rate (pp512, measured here) divided by the tokens evaluated per
-item after reuse: the items/s a run would reach if the model ran nothing else. Scores before and after must agree.
+item after reuse: the items/s a run would reach if the model ran nothing else. pp512 computes one logits row per 512
+tokens, while exact scoring needs a full-vocabulary row for every continuation token, so a second limit charges the
+rows an exact scorer cannot avoid (one per distinct token prefix that predicts a continuation token) at the rate of
+pp512 with every row's logits. Scores before and after must agree.
 
     python benchmarks/reuse_speed.py --tasks arc_challenge:0:50,hellaswag:0:50,mmlu:5:30,truthfulqa_mc2:0:30
 """
@@ -24,7 +27,7 @@ from bench_common import default_data_dir, smollm2_provider
 
 from llmlab_fixtures.datasets import load_docs
 from llmlab_fixtures.evaluator import evaluate
-from llmlab_fixtures.providers.base import Provider
+from llmlab_fixtures.providers.base import LoglikelihoodRequest, Provider
 from llmlab_fixtures.providers.llama_cpp import LlamaCppProvider
 from llmlab_fixtures.providers.transformers_backend import TransformersProvider
 from llmlab_fixtures.tasks import get_task
@@ -42,6 +45,36 @@ def configure(provider: Provider, reuse: bool) -> None:
         provider.loglik_items_per_call = type(provider).loglik_items_per_call if reuse else 1
 
 
+class RequestLog:
+    """Keeps the requests ``provider.loglikelihood`` receives (calls straight through to it)."""
+
+    def __init__(self, provider: Provider) -> None:
+        self.calls: list[list[LoglikelihoodRequest]] = []
+        self._provider, self._score = provider, provider.loglikelihood
+        provider.loglikelihood = self  # type: ignore[method-assign]
+
+    def __call__(self, requests: list[LoglikelihoodRequest]) -> list:
+        self.calls.append(list(requests))
+        return self._score(requests)
+
+    def logits_rows(self) -> int:
+        """Rows an exact scorer must compute: per call, one for each distinct token prefix that predicts a
+        continuation token (shared prefixes, e.g. MMLU's one-letter answers, count once)."""
+        encode = self._provider.encode_pair  # type: ignore[attr-defined]
+        rows = 0
+        for requests in self.calls:
+            prefixes: set[tuple[int, ...]] = set()
+            for request in requests:
+                context, continuation = encode(request.context, request.continuation)
+                seq = context + continuation
+                prefixes.update(tuple(seq[:end]) for end in range(len(context), len(seq)))
+            rows += len(prefixes)
+        return rows
+
+    def detach(self) -> None:
+        del self._provider.loglikelihood
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", default="arc_challenge:0:50,hellaswag:0:50,mmlu:5:30,truthfulqa_mc2:0:30",
@@ -53,12 +86,14 @@ def main() -> None:
     print(f"SmolLM2-135M-Instruct (Q4_1 GGUF), {args.threads} threads")
     print(f"{'backend':12} {'task':16} {'shots':>5} {'n':>4} {'it/s before':>11} {'it/s after':>10} {'speed-up':>8} "
           f"{'tok/item before':>15} {'tok/item after':>14} {'pp512 tok/s':>11} {'limit it/s':>10} "
-          f"{'after/limit':>11} {'same preds':>10} {'acc':>7} {'peak RSS MB':>11}")
+          f"{'after/limit':>11} {'rows/item':>9} {'pp512 all-rows tok/s':>20} {'limit w/ rows':>13} "
+          f"{'after/limit w/ rows':>19} {'same preds':>10} {'acc':>7} {'peak RSS MB':>11}")
     for backend in args.backends.split(","):
         provider = smollm2_provider(backend, args.threads)
         provider.initialize()
         provider.time_prompt(512)
         pp = 512 / min(provider.time_prompt(512) for _ in range(3))
+        pp_rows = 512 / min(provider.time_prompt(512, logits_rows=512) for _ in range(3))
         for spec in args.tasks.split(","):
             name, shots, n = spec.split(":")
             task = get_task(name)
@@ -68,18 +103,24 @@ def main() -> None:
             figures = {}
             for reuse in (False, True):
                 configure(provider, reuse)
+                log = RequestLog(provider) if reuse else None
                 started = time.perf_counter()
                 run = evaluate(task, provider, docs, model_name=backend, fewshot_docs=fewshot, scoring="loglik",
                                num_fewshot=int(shots))
                 elapsed = time.perf_counter() - started
+                if log is not None:
+                    log.detach()
+                    rows = log.logits_rows() / len(docs)
                 figures[reuse] = (len(docs) / elapsed, sum(r.evaluated_tokens for r in run.items) / len(docs), run)
             (before, tok_before, run_before), (after, tok_after, run_after) = figures[False], figures[True]
             same = sum(a.prediction == b.prediction for a, b in zip(run_before.items, run_after.items))
             limit = pp / tok_after
+            limit_rows = 1 / ((tok_after - rows) / pp + rows / pp_rows)
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             print(f"{backend:12} {name:16} {shots:>5} {len(docs):4d} {before:11.2f} {after:10.2f} "
                   f"{after / before:7.1f}x {tok_before:15.0f} {tok_after:14.0f} {pp:11.0f} {limit:10.2f} "
-                  f"{after / limit:11.2f} {same:5d}/{len(docs):<4d} {run_after.metrics[0].value:7.3f} {peak:11.0f}",
+                  f"{after / limit:11.2f} {rows:9.0f} {pp_rows:20.0f} {limit_rows:13.2f} {after / limit_rows:19.2f} "
+                  f"{same:5d}/{len(docs):<4d} {run_after.metrics[0].value:7.3f} {peak:11.0f}",
                   flush=True)
         provider.close()
 

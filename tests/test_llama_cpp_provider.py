@@ -120,6 +120,19 @@ def test_request_order_does_not_change_scores(smollm: LlamaCppProvider) -> None:
     assert sum(r.evaluated_tokens for r in interleaved) <= sum(r.evaluated_tokens for r in separate) + 8
 
 
+def test_speed_probes_leave_scoring_as_it_was(smollm: LlamaCppProvider) -> None:
+    """pp probes (one logits row or every row) start from and leave an empty cache: scores and work unchanged."""
+    requests = arc_requests(arc_items(1)[0])
+    smollm.reset_cache()
+    before = smollm.loglikelihood(requests)
+    for rows in (1, 64):
+        assert smollm.time_prompt(64, logits_rows=rows) > 0
+        assert smollm._cached == []
+    after = smollm.loglikelihood(requests)
+    assert [r.logprob for r in after] == [r.logprob for r in before]
+    assert [r.evaluated_tokens for r in after] == [r.evaluated_tokens for r in before]
+
+
 def test_cross_item_primer_reuse(smollm: LlamaCppProvider, smollm_scratch: LlamaCppProvider) -> None:
     shots = arc_items(3, split="train")
     primer = "".join(

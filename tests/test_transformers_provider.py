@@ -412,6 +412,18 @@ def test_identical_inputs_are_run_once(tf_smollm: TransformersProvider) -> None:
     assert sum(r.evaluated_tokens for r in scratch) == 4 * len(tf_smollm.tokenize(context))
 
 
+def test_prompt_probe_rows_end_with_the_last_position(tf_smollm: TransformersProvider) -> None:
+    """The pp probe with every logits row computes the same last row as with one (the rows it adds are real)."""
+    from transformers import DynamicCache
+
+    tokens = tf_smollm.tokenize("The capital of France is Paris, and the capital of Italy is")
+    rows = {n: tf_smollm._forward_one_row(tokens, DynamicCache(config=tf_smollm._model.config), n)
+            for n in (1, len(tokens))}
+    assert rows[1].shape == rows[len(tokens)].shape == (tf_smollm._model.config.vocab_size,)
+    assert np.allclose(rows[len(tokens)].numpy(), rows[1].numpy(), atol=1e-4)
+    assert tf_smollm.time_prompt(len(tokens), logits_rows=len(tokens)) > 0
+
+
 def test_evaluator_generates_in_batches_with_one_at_a_time_results(tf_smollm: TransformersProvider,
                                                                     data_dir: Path) -> None:
     """Generation items go to generate_batch several at a time (sorted by length, left-padded) and come back in

@@ -105,8 +105,9 @@ class Provider(ABC):
     def estimate_memory(self) -> int:
         """Bytes of RAM/VRAM the model needs once loaded (weights plus context cache)."""
 
-    def time_prompt(self, n_tokens: int) -> float:
-        """Seconds to run ``n_tokens`` prompt tokens from an empty cache (llama-bench's ppN)."""
+    def time_prompt(self, n_tokens: int, logits_rows: int = 1) -> float:
+        """Seconds to run ``n_tokens`` prompt tokens from an empty cache with logits for the last ``logits_rows``
+        (1: llama-bench's ppN)."""
         raise SpeedProbeUnsupported(f"{self.backend} cannot time raw prompt processing (no in-process model)")
 
     def time_generation(self, n_tokens: int) -> float:

@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,12 +50,13 @@ class GgufConversion:
 
     gguf: Path
     root: Path
+    facts: dict[str, Any] = field(compare=False)  # the GGUF as keyed, written to source.json with a save
 
     @classmethod
     def for_file(cls, gguf: Path, cache_dir: Path | None = None) -> GgufConversion:
         facts = _source_facts(gguf)
         key = hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
-        return cls(gguf, (cache_dir or default_cache_dir()) / CONVERTED_FOLDER / f"{gguf.stem}-{key}")
+        return cls(gguf, (cache_dir or default_cache_dir()) / CONVERTED_FOLDER / f"{gguf.stem}-{key}", facts)
 
     def tokenizer_dir(self) -> Path | None:
         """The saved tokenizer's folder, or None before the first conversion."""
@@ -121,7 +122,7 @@ class GgufConversion:
                 _log.warning("not saving the converted %s of %s: less than %d MB free in %s", name, self.gguf.name,
                              (needed + _FREE_MARGIN) >> 20, self.root)
                 return
-            (self.root / SOURCE_FILE).write_text(json.dumps(_source_facts(self.gguf), indent=1), encoding="utf-8")
+            (self.root / SOURCE_FILE).write_text(json.dumps(self.facts, indent=1), encoding="utf-8")
             shutil.rmtree(partial, ignore_errors=True)
             write(partial)
             os.replace(partial, target)

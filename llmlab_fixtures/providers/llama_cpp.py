@@ -471,13 +471,14 @@ class LlamaCppProvider(Provider):
 
     # --- speed probes ------------------------------------------------------------------------------
 
-    def time_prompt(self, n_tokens: int) -> float:
-        """Seconds to decode ``n_tokens`` random tokens from an empty cache, logits for the last one only."""
+    def time_prompt(self, n_tokens: int, logits_rows: int = 1) -> float:
+        """Seconds to decode ``n_tokens`` random tokens from an empty cache, with logits for the last
+        ``logits_rows`` positions (1, as llama-bench's pp; ``n_tokens``, as scoring every token needs)."""
         self._require()
         self.reset_cache()
         tokens = probe_tokens(n_tokens, self.n_vocab)
         started = time.perf_counter()
-        self._decode(tokens, [n_tokens - 1], lambda _pos, _row: None)
+        self._decode(tokens, range(n_tokens - logits_rows, n_tokens), lambda _pos, _row: None)
         elapsed = time.perf_counter() - started
         self.reset_cache()
         return elapsed

@@ -7,6 +7,7 @@ every load uses ``local_files_only=True``.
 
 from __future__ import annotations
 
+import functools
 import gc
 import importlib.util
 import inspect
@@ -495,6 +496,7 @@ class TransformersProvider(Provider):
                     "gguf_file": self.source.path.name, "local_files_only": True}
         return {"pretrained_model_name_or_path": str(self.source.path), "local_files_only": True}
 
+    @functools.cached_property
     def _conversion(self) -> GgufConversion | None:
         """Where this GGUF's converted tokenizer and weights are saved; None for other sources or cache off."""
         if not self.source.is_gguf or not conversion_cache_enabled():
@@ -515,7 +517,7 @@ class TransformersProvider(Provider):
     def _load_tokenizer(self) -> None:
         from transformers import AutoTokenizer
 
-        conversion = self._conversion()
+        conversion = self._conversion
         saved = conversion.tokenizer_dir() if conversion else None
         self._tokenizer, from_saved = self._pretrained(AutoTokenizer.from_pretrained, conversion, saved)
         if conversion and not from_saved:
@@ -530,7 +532,7 @@ class TransformersProvider(Provider):
             self._load_tokenizer()
         dtype_key = "dtype" if _version_at_least(transformers.__version__, (4, 56)) else "torch_dtype"
         placement = {} if self.device == "cpu" else {"device_map": {"": self.device}}  # straight onto the GPU
-        conversion = self._conversion()
+        conversion = self._conversion
         dtype_name = str(self.dtype).removeprefix("torch.")
         saved = conversion.model_dir(dtype_name) if conversion else None
         model, from_saved = self._pretrained(AutoModelForCausalLM.from_pretrained, conversion, saved,
@@ -847,14 +849,15 @@ class TransformersProvider(Provider):
 
     # --- speed probes ----------------------------------------------------------------------------------
 
-    def _forward_one_row(self, tokens: Sequence[int], cache: Any) -> Any:
-        """Run ``tokens`` after what ``cache`` holds; returns the last position's logits."""
+    def _forward_one_row(self, tokens: Sequence[int], cache: Any, logits_rows: int = 1) -> Any:
+        """Run ``tokens`` after what ``cache`` holds, computing logits for the last ``logits_rows`` positions;
+        returns the last position's logits."""
         import torch
 
         ids = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)
         with torch.inference_mode():
-            return self._model(input_ids=ids, use_cache=True, logits_to_keep=1, **{self._cache_kwarg: cache}
-                               ).logits[0, -1]
+            return self._model(input_ids=ids, use_cache=True, logits_to_keep=logits_rows,
+                               **{self._cache_kwarg: cache}).logits[0, -1]
 
     def _sync(self) -> None:
         if self.device and self.device.startswith("cuda"):
@@ -862,8 +865,9 @@ class TransformersProvider(Provider):
 
             torch.cuda.synchronize()
 
-    def time_prompt(self, n_tokens: int) -> float:
-        """Seconds to run ``n_tokens`` random tokens through the model into an empty KV cache."""
+    def time_prompt(self, n_tokens: int, logits_rows: int = 1) -> float:
+        """Seconds to run ``n_tokens`` random tokens through the model into an empty KV cache, with logits for the
+        last ``logits_rows`` positions (1, as llama-bench's pp; ``n_tokens``, as scoring every token needs)."""
         from transformers import DynamicCache
 
         self._require()
@@ -871,7 +875,7 @@ class TransformersProvider(Provider):
         cache = DynamicCache(config=self._model.config)
         self._sync()
         started = time.perf_counter()
-        self._forward_one_row(tokens, cache)
+        self._forward_one_row(tokens, cache, logits_rows)
         self._sync()
         return time.perf_counter() - started
 
