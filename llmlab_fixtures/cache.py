@@ -68,13 +68,18 @@ def llmlab_cache_entries(models: dict[str, ModelEntry]) -> list[CacheEntry]:
     return entries
 
 
+def _embeds(entry: ModelEntry, gguf: Path) -> bool:
+    """Whether ``gguf`` is the file this catalogue entry names (by file name, or inside its package)."""
+    spec = entry.gguf or {}
+    return spec.get("file") == gguf.name or spec.get("package") in gguf.parts
+
+
 def converted_cache_entries(models: dict[str, ModelEntry]) -> list[CacheEntry]:
     """GGUF files converted for transformers (tokenizer and dequantised weights) in $LLMLAB_CACHE_DIR/converted."""
     entries = []
     for root, facts in converted_entries():
-        source = Path(str(facts.get("gguf", "")))
-        aliases = tuple(alias for alias, e in models.items() if facts.get("gguf") and (
-            (e.gguf or {}).get("file") == source.name or (e.gguf or {}).get("package") in source.parts))
+        source = Path(str(facts["gguf"])) if facts.get("gguf") else None
+        aliases = tuple(alias for alias, e in models.items() if source and _embeds(e, source))
         files = [p for p in root.rglob("*") if p.is_file()]
         entries.append(CacheEntry("converted", root.name, root, sum(p.stat().st_size for p in files),
                                   tuple(sorted(str(p.relative_to(root)) for p in files)), aliases))

@@ -7,7 +7,6 @@ every load uses ``local_files_only=True``.
 
 from __future__ import annotations
 
-import functools
 import gc
 import importlib.util
 import inspect
@@ -469,7 +468,7 @@ class TransformersProvider(Provider):
         """Load only the tokenizer (token counts and checks without the weights); initialize() does this too."""
         if self._tokenizer is None:
             _require_packages(self.source.is_gguf)
-            self._guarded(self._load_tokenizer)
+            self._guarded(lambda: self._load_tokenizer(self._conversion()))
 
     def _guarded(self, load: Any) -> None:
         try:
@@ -496,7 +495,6 @@ class TransformersProvider(Provider):
                     "gguf_file": self.source.path.name, "local_files_only": True}
         return {"pretrained_model_name_or_path": str(self.source.path), "local_files_only": True}
 
-    @functools.cached_property
     def _conversion(self) -> GgufConversion | None:
         """Where this GGUF's converted tokenizer and weights are saved; None for other sources or cache off."""
         if not self.source.is_gguf or not conversion_cache_enabled():
@@ -514,10 +512,9 @@ class TransformersProvider(Provider):
                 conversion.discard(saved, exc)
         return load(**self._where(), **kwargs), False
 
-    def _load_tokenizer(self) -> None:
+    def _load_tokenizer(self, conversion: GgufConversion | None) -> None:
         from transformers import AutoTokenizer
 
-        conversion = self._conversion
         saved = conversion.tokenizer_dir() if conversion else None
         self._tokenizer, from_saved = self._pretrained(AutoTokenizer.from_pretrained, conversion, saved)
         if conversion and not from_saved:
@@ -528,11 +525,11 @@ class TransformersProvider(Provider):
         import transformers
         from transformers import AutoModelForCausalLM
 
+        conversion = self._conversion()  # looked up once per load: the GGUF may have been replaced since the last
         if self._tokenizer is None:
-            self._load_tokenizer()
+            self._load_tokenizer(conversion)
         dtype_key = "dtype" if _version_at_least(transformers.__version__, (4, 56)) else "torch_dtype"
         placement = {} if self.device == "cpu" else {"device_map": {"": self.device}}  # straight onto the GPU
-        conversion = self._conversion
         dtype_name = str(self.dtype).removeprefix("torch.")
         saved = conversion.model_dir(dtype_name) if conversion else None
         model, from_saved = self._pretrained(AutoModelForCausalLM.from_pretrained, conversion, saved,
