@@ -283,9 +283,10 @@ def _windows(jobs: Iterable[T], size: int) -> Iterator[list[T]]:
 
 
 def _scored_in_windows(task: TaskDefinition, provider: Provider, mode: str, jobs: Iterable[Job], size: int, *,
-                       seed: int, cache: ItemCache | None) -> Iterator[ItemRecord]:
-    """Score items ``size`` per provider call. Each block of a few windows is sorted by group (an MMLU subject
-    shares its few-shot block) and length, so a call's padded batch wastes little; records keep the job order."""
+                       seed: int, cache: ItemCache | None) -> Iterator[list[ItemRecord]]:
+    """Score items ``size`` per provider call; yields each block's records together, in job order. Each block of a
+    few windows is sorted by group (an MMLU subject shares its few-shot block) and length, so a call's padded batch
+    wastes little."""
     for block in _windows(jobs, size * _LOOKAHEAD):
         items = []
         for job in block:
@@ -301,7 +302,7 @@ def _scored_in_windows(task: TaskDefinition, provider: Provider, mode: str, jobs
             for i, record in zip(chunk, _score_window(task, provider, mode, [items[i] for i in chunk], seed=seed,
                                                       cache=cache)):
                 records[i] = record
-        yield from (r for r in records if r is not None)
+        yield [r for r in records if r is not None]
 
 
 def _in_order(function: Callable[[T], R], jobs: Iterable[T], concurrency: int) -> Iterator[R]:
@@ -375,24 +376,28 @@ def evaluate(
     def score(job: Job) -> ItemRecord:
         return _score_item(task, provider, mode, *job, seed=seed, cache=cache)
 
-    def scored() -> Iterator[ItemRecord]:
+    def scored() -> Iterator[list[ItemRecord]]:
+        """Records as they finish together: one at a time, or a block of windows at once."""
         window = max(1, provider.loglik_items_per_call if mode == "loglik" else provider.generation_items_per_call)
         if window == 1:
-            yield from _in_order(score, jobs(), provider.max_concurrency)
+            yield from ([record] for record in _in_order(score, jobs(), provider.max_concurrency))
             return
         yield from _scored_in_windows(task, provider, mode, jobs(), window, seed=seed, cache=cache)
 
     items: list[ItemRecord] = []
     metrics, totals = MetricTally(task, mode), ItemTotals()
     total = len(docs)
-    for done, record in enumerate(scored(), start=1):
-        metrics.add(record)
-        totals.add(record)
-        if keep_items:
-            items.append(record)
-        if on_item is not None:
-            on_item(record)
-        if progress is not None:
+    done = 0
+    for finished in scored():
+        for record in finished:
+            metrics.add(record)
+            totals.add(record)
+            if keep_items:
+                items.append(record)
+            if on_item is not None:
+                on_item(record)
+        done += len(finished)
+        if progress is not None:  # once per batch that finished together: its time belongs to all its items
             progress(done, total)
     return TaskRun(
         model=model_name,

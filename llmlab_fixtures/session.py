@@ -18,6 +18,7 @@ from llmlab_fixtures.datasets import load_docs
 from llmlab_fixtures.energy import measure_energy
 from llmlab_fixtures.evaluator import evaluate
 from llmlab_fixtures.options import RunConfig
+from llmlab_fixtures.progress import ProgressEstimate, item_weight
 from llmlab_fixtures.providers import BackendSettings, Provider, create_provider
 from llmlab_fixtures.specs import ModelSpec
 from llmlab_fixtures.storage import PARTS_DIR, ItemWriter, atomic_write_text, part_path
@@ -181,18 +182,14 @@ class BenchSession:
             self._store.close()
             self._store = None
 
-    def _on_progress(self, model: LoadedModel, label: str, done: int, total: int, started: float) -> None:
+    def _on_progress(self, model: LoadedModel, label: str, done: int, estimate: ProgressEstimate,
+                     started: float) -> None:
         self._rebalance(model)
-        self._report_progress(label, done, total, started)
-
-    def _report_progress(self, label: str, done: int, total: int, started: float) -> None:
         now = time.perf_counter()
-        if self._progress is None or (now - self._last_progress < 10 and done < total):
+        if self._progress is None or (now - self._last_progress < 10 and done < estimate.total):
             return
         self._last_progress = now
-        rate = done / (now - started) if now > started else 0.0
-        eta = (total - done) / rate if rate > 0 else float("nan")
-        self._progress(f"[llmlab] {label}: {done}/{total} items, {rate:.2f} it/s, ETA {eta:.0f}s")
+        self._progress(estimate.line(label, done, now - started))
 
     def unsupported_reason(self, task_name: str) -> str | None:
         """Why ``task_name`` cannot run with this run's scoring method (e.g. mc2 by generation), or None."""
@@ -212,6 +209,8 @@ class BenchSession:
         relative = part_path(Path("."), worker_id(), label, task.name)
         checkpoint = self._checkpoint(task.name, model)
         writer = ItemWriter(config.output_dir / relative)
+        scoring = task.effective_scoring(self.scoring)
+        estimate = ProgressEstimate([item_weight(task, doc, scoring) for doc in docs])
         started = time.perf_counter()
         info = asdict(model.provider.get_model_info())
         # a loopback server burns its CPU in another process: estimate from every process's CPU time then
@@ -223,8 +222,8 @@ class BenchSession:
                     task, model.provider, docs, model_name=label, fewshot_docs=fewshot_docs, scoring=self.scoring,
                     num_fewshot=config.num_fewshot, seed=config.seed, fixed_fewshot=config.fixed_fewshot,
                     on_item=writer.write, cache=checkpoint, keep_items=False,
-                    progress=lambda done, total: self._on_progress(model, f"{label} {task.name}", done, total,
-                                                                   started),
+                    progress=lambda done, _total: self._on_progress(model, f"{label} {task.name}", done, estimate,
+                                                                    started),
                 )
         finally:
             writer.close()

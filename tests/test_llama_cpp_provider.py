@@ -128,6 +128,9 @@ def test_speed_probes_leave_scoring_as_it_was(smollm: LlamaCppProvider) -> None:
     for rows in (1, 64):
         assert smollm.time_prompt(64, logits_rows=rows) > 0
         assert smollm._cached == []
+    for rows in (0, 65):
+        with pytest.raises(ValueError, match=f"reads 1 to 64 logits rows, not {rows}"):
+            smollm.time_prompt(64, logits_rows=rows)
     after = smollm.loglikelihood(requests)
     assert [r.logprob for r in after] == [r.logprob for r in before]
     assert [r.evaluated_tokens for r in after] == [r.evaluated_tokens for r in before]

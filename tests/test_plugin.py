@@ -25,7 +25,8 @@ def test_one_model_one_dataset_writes_the_results_directory(bench_pytester: pyte
         f"--output-dir={out}", "-p", "no:cacheprovider",
     )
     result.assert_outcomes(passed=1, deselected=6)
-    result.stdout.fnmatch_lines(["*llmlab comparison (loglik scoring)*", f"dataset (metric)*{SMOLLM}*",
+    result.stdout.fnmatch_lines([f"*{SMOLLM} arc_challenge: 4/4 items, *it/s, ETA 0s",
+                                 "*llmlab comparison (loglik scoring)*", f"dataset (metric)*{SMOLLM}*",
                                  "arc_challenge (acc_norm)*it/s*", "results: *items.jsonl*"])
     assert sorted(p.name for p in out.iterdir()) == ["items.jsonl", "report.html", "results.json", "summary.csv",
                                                      "summary.md"]

@@ -26,7 +26,7 @@ from llmlab_fixtures.prompts import ExemplarSampler, generation_request, loglike
 from llmlab_fixtures.providers import BackendSettings, check_available, create_provider
 from llmlab_fixtures.providers.base import GenerationRequest, LoglikelihoodRequest, LoglikelihoodResult
 from llmlab_fixtures.providers.llama_cpp import LlamaCppProvider
-from llmlab_fixtures.providers.transformers_backend import TransformersProvider, make_provider
+from llmlab_fixtures.providers.transformers_backend import TransformersProvider, _score_continuations, make_provider
 from llmlab_fixtures.registry import builtin_models
 from llmlab_fixtures.session import default_threads
 from llmlab_fixtures.specs import ModelSpec, parse_spec
@@ -410,6 +410,23 @@ def test_identical_inputs_are_run_once(tf_smollm: TransformersProvider) -> None:
     assert [r.is_greedy for r in shared] == [r.is_greedy for r in scratch]
     assert sum(r.evaluated_tokens for r in shared) == len(tf_smollm.tokenize(context))
     assert sum(r.evaluated_tokens for r in scratch) == 4 * len(tf_smollm.tokenize(context))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_continuation_scores_match_log_softmax(dtype: str) -> None:
+    """The in-place normaliser and the vectorised sums give fp64 log_softmax's answer, in fp32 and half precision."""
+    import torch
+
+    logits = (torch.randn(6, 3000, generator=torch.Generator().manual_seed(0)) * 6).to(getattr(torch, dtype))
+    reference = torch.log_softmax(logits.double(), dim=-1)
+    spans = [[0, 1, 2], [3], [4, 5], [5]]
+    targets = [[int(logits[row].argmax()) for row in (0, 1, 2)], [7], [11, int(logits[5].argmax())],
+               [int(logits[5].argmax())]]
+    scores = _score_continuations(logits.clone(), spans, targets)
+    want = [float(sum(reference[row, token] for row, token in zip(span, tokens)))
+            for span, tokens in zip(spans, targets)]
+    assert [logprob for logprob, _ in scores] == pytest.approx(want, abs=1e-4)
+    assert [greedy for _, greedy in scores] == [True, int(logits[3].argmax()) == 7, int(logits[4].argmax()) == 11, True]
 
 
 def test_prompt_probe_rows_end_with_the_last_position(tf_smollm: TransformersProvider) -> None:

@@ -476,7 +476,7 @@ class LlamaCppProvider(Provider):
         ``logits_rows`` positions (1, as llama-bench's pp; ``n_tokens``, as scoring every token needs)."""
         self._require()
         self.reset_cache()
-        tokens = probe_tokens(n_tokens, self.n_vocab)
+        tokens = probe_tokens(n_tokens, self.n_vocab, logits_rows)
         started = time.perf_counter()
         self._decode(tokens, range(n_tokens - logits_rows, n_tokens), lambda _pos, _row: None)
         elapsed = time.perf_counter() - started

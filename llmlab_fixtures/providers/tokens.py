@@ -38,9 +38,13 @@ def find_stop(text: str, stops: Sequence[str], scan_from: int = 0) -> int | None
     return min(hits) if hits else None
 
 
-def probe_tokens(n_tokens: int, vocab_size: int, seed: int = 0) -> list[int]:
-    """``n_tokens`` pseudo-random token ids for speed probes (llama-bench also times random tokens)."""
+def probe_tokens(n_tokens: int, vocab_size: int, logits_rows: int = 1, seed: int = 0) -> list[int]:
+    """``n_tokens`` pseudo-random token ids for a prompt speed probe that reads ``logits_rows`` of them
+    (llama-bench also times random tokens); ValueError unless 1 <= logits_rows <= n_tokens."""
     import random
+
+    if not 1 <= logits_rows <= n_tokens:
+        raise ValueError(f"a prompt probe of {n_tokens} tokens reads 1 to {n_tokens} logits rows, not {logits_rows}")
 
     rng = random.Random(seed)
     return [rng.randrange(vocab_size) for _ in range(n_tokens)]

@@ -318,6 +318,32 @@ def _shared_prefix_length(rows: Sequence[_Row]) -> int:
     return shared
 
 
+def _score_continuations(logits: Any, spans: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]
+                         ) -> list[tuple[float, bool]]:
+    """(sum of log-probs, whether every token is the argmax) per continuation: continuation i's tokens
+    ``targets[i]`` are predicted by rows ``spans[i]`` of ``logits`` [rows, vocab].
+
+    Vectorised over every continuation, and the softmax normaliser is computed in place: fp32 logits are
+    overwritten (no second vocabulary-wide buffer; each exp is exact to fp32, summed in fp64).
+    """
+    import torch
+
+    device = logits.device
+    where = torch.tensor([row for span in spans for row in span], dtype=torch.long, device=device)
+    wanted = torch.tensor([token for tokens in targets for token in tokens], dtype=torch.long, device=device)
+    owner = torch.repeat_interleave(torch.arange(len(spans), device=device),
+                                    torch.tensor([len(span) for span in spans], device=device))
+    logits = logits.float()  # a copy only when the model returned half precision
+    chosen = logits[where, wanted].double()
+    top, best = logits.max(dim=-1)
+    normalizer = logits.sub_(top[:, None]).exp_().sum(dim=-1, dtype=torch.float64).log_().add_(top.double())
+    logprobs = torch.zeros(len(spans), dtype=torch.float64, device=device).index_add_(
+        0, owner, chosen - normalizer[where])
+    misses = torch.zeros(len(spans), dtype=torch.long, device=device).index_add_(
+        0, owner, (best[where] != wanted).long())
+    return list(zip(logprobs.tolist(), (misses == 0).tolist()))
+
+
 class _GenerationWatch:
     """A StoppingCriteria: timestamps the first new token, stops rows at EOG, a stop string or their own limit."""
 
@@ -740,27 +766,20 @@ class TransformersProvider(Provider):
         finally:
             if prefix is not None:
                 _cut_cache(prefix.cache, shared)  # the tree's tokens leave the cache; the shared prefix stays
+        position = {node: i for i, node in enumerate(tree.kept)}
+        # (request, its tree path, tokens it evaluated): identical requests read their owner's row, evaluating none
+        readers = [(reader, path, new if reader is row else 0) for row, path, new in
+                   zip(rows, tree.paths, tree.new_nodes) for reader in (row, *row.readers)]
         with torch.inference_mode():
             picked = logits if self._mask_logits else logits[0][keep[0].to(logits.device)]  # [kept nodes, vocab]
             del logits
-            normalizer = torch.logsumexp(picked.float(), dim=-1).double()  # fp32 is exact to ~1e-6 nat here
-            best = picked.argmax(dim=-1)
-            position = {node: i for i, node in enumerate(tree.kept)}
-            results = []
-            for row, path, new in zip(rows, tree.paths, tree.new_nodes):
-                for reader in (row, *row.readers):
-                    where = torch.tensor([position[node] for node in path[len(path) - len(reader.targets):]],
-                                         dtype=torch.long, device=picked.device)
-                    targets = torch.tensor(reader.targets, dtype=torch.long, device=picked.device)
-                    target_logits = picked[where].gather(1, targets[:, None])[:, 0].double()
-                    results.append((reader.index, LoglikelihoodResult(
-                        logprob=float((target_logits - normalizer[where]).sum()),
-                        is_greedy=bool((best[where] == targets).all()),
-                        context_tokens=reader.context_tokens,
-                        continuation_tokens=reader.continuation_tokens,
-                        evaluated_tokens=new if reader is row else 0,
-                    )))
-        return results
+            scores = _score_continuations(
+                picked, [[position[node] for node in path[len(path) - len(reader.targets):]]
+                         for reader, path, _ in readers], [reader.targets for reader, _, _ in readers])
+        return [(reader.index, LoglikelihoodResult(
+            logprob=logprob, is_greedy=greedy, context_tokens=reader.context_tokens,
+            continuation_tokens=reader.continuation_tokens, evaluated_tokens=new,
+        )) for (reader, _, new), (logprob, greedy) in zip(readers, scores)]
 
     def _prefix_state(self, tokens: list[int]) -> _Prefix:
         """A batch-1 KV cache holding exactly ``tokens``: the previous call's cache cut back to the common prefix,
@@ -824,25 +843,19 @@ class TransformersProvider(Provider):
                                   "use_cache": False}
         if self._mask_logits:
             kwargs["logits_to_keep"] = keep.to(self.device)
+        spans, offset = [], 0
+        for row in batch:
+            spans.append(range(offset, offset + row.n_keep))
+            offset += row.n_keep
         with torch.inference_mode():
             logits = self._model(**kwargs).logits
             picked = logits if self._mask_logits else logits[keep.to(logits.device)]  # [total targets, vocab]
             del logits
-            results = []
-            offset = 0
-            for row in batch:
-                n = row.n_keep
-                logprobs = torch.log_softmax(picked[offset : offset + n].to(torch.float64), dim=-1)
-                targets = torch.tensor(row.targets, dtype=torch.long, device=picked.device)
-                results.append((row.index, LoglikelihoodResult(
-                    logprob=float(logprobs.gather(1, targets[:, None]).sum()),
-                    is_greedy=bool((picked[offset : offset + n].argmax(dim=-1) == targets).all()),
-                    context_tokens=row.context_tokens,
-                    continuation_tokens=row.continuation_tokens,
-                    evaluated_tokens=len(row.tokens),
-                )))
-                offset += n
-        return results
+            scores = _score_continuations(picked, spans, [row.targets for row in batch])
+        return [(row.index, LoglikelihoodResult(
+            logprob=logprob, is_greedy=greedy, context_tokens=row.context_tokens,
+            continuation_tokens=row.continuation_tokens, evaluated_tokens=len(row.tokens),
+        )) for row, (logprob, greedy) in zip(batch, scores)]
 
     # --- speed probes ----------------------------------------------------------------------------------
 
@@ -868,7 +881,7 @@ class TransformersProvider(Provider):
         from transformers import DynamicCache
 
         self._require()
-        tokens = probe_tokens(n_tokens, int(self._model.config.vocab_size))
+        tokens = probe_tokens(n_tokens, int(self._model.config.vocab_size), logits_rows)
         cache = DynamicCache(config=self._model.config)
         self._sync()
         started = time.perf_counter()
