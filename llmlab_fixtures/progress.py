@@ -41,14 +41,21 @@ class ProgressEstimate:
     def total(self) -> int:
         return len(self._done_weight) - 1
 
-    def eta(self, done: int, elapsed: float) -> float:
-        """Seconds left: ``elapsed`` × weight left ÷ weight done (NaN before the first item)."""
-        done_weight = self._done_weight[min(done, self.total)]
-        if done_weight <= 0 or elapsed <= 0:
-            return math.nan
-        return elapsed * (self._done_weight[-1] - done_weight) / done_weight
+    def eta(self, done: int, elapsed: float, resumed: int = 0) -> float:
+        """Seconds left: ``elapsed`` × weight left ÷ weight scored (NaN before the first scored item).
 
-    def line(self, label: str, done: int, elapsed: float) -> str:
-        """``label: done/total items, rate it/s, ETA s`` (the rate is the average so far)."""
-        rate = done / elapsed if elapsed > 0 else 0.0
-        return f"[llmlab] {label}: {done}/{self.total} items, {rate:.2f} it/s, ETA {self.eta(done, elapsed):.0f}s"
+        ``resumed`` items came from the checkpoint at no cost; they are the first ones (an interrupted run's).
+        """
+        done = min(done, self.total)
+        scored_weight = self._done_weight[done] - self._done_weight[min(resumed, done)]
+        if scored_weight <= 0 or elapsed <= 0:
+            return math.nan
+        return elapsed * (self._done_weight[-1] - self._done_weight[done]) / scored_weight
+
+    def line(self, label: str, done: int, elapsed: float, resumed: int = 0) -> str:
+        """``label: done/total items, rate it/s, ETA s``; the rate is the average over the items scored so far."""
+        rate = (done - resumed) / elapsed if elapsed > 0 else 0.0
+        eta = self.eta(done, elapsed, resumed)
+        from_checkpoint = f" ({resumed} from the checkpoint)" if resumed else ""
+        left = "?" if math.isnan(eta) else f"{eta:.0f}s"
+        return f"[llmlab] {label}: {done}/{self.total} items{from_checkpoint}, {rate:.2f} it/s, ETA {left}"

@@ -182,14 +182,14 @@ class BenchSession:
             self._store.close()
             self._store = None
 
-    def _on_progress(self, model: LoadedModel, label: str, done: int, estimate: ProgressEstimate,
-                     started: float) -> None:
+    def _on_progress(self, model: LoadedModel, label: str, done: int, estimate: ProgressEstimate, started: float,
+                     checkpoint: TaskCheckpoint | None) -> None:
         self._rebalance(model)
         now = time.perf_counter()
         if self._progress is None or (now - self._last_progress < 10 and done < estimate.total):
             return
         self._last_progress = now
-        self._progress(estimate.line(label, done, now - started))
+        self._progress(estimate.line(label, done, now - started, checkpoint.resumed if checkpoint else 0))
 
     def unsupported_reason(self, task_name: str) -> str | None:
         """Why ``task_name`` cannot run with this run's scoring method (e.g. mc2 by generation), or None."""
@@ -223,7 +223,7 @@ class BenchSession:
                     num_fewshot=config.num_fewshot, seed=config.seed, fixed_fewshot=config.fixed_fewshot,
                     on_item=writer.write, cache=checkpoint, keep_items=False,
                     progress=lambda done, _total: self._on_progress(model, f"{label} {task.name}", done, estimate,
-                                                                    started),
+                                                                    started, checkpoint),
                 )
         finally:
             writer.close()

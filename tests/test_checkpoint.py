@@ -179,3 +179,4 @@ def test_sigkill_at_random_points_then_resume_loses_and_duplicates_nothing(bench
     assert summaries[0]["metrics"] == summaries[1]["metrics"]
     assert summaries[0]["n_items"] == summaries[1]["n_items"] == N_ITEMS
     assert 0 < summaries[0]["n_resumed"] < N_ITEMS  # the final run resumed the killed runs' items, then finished
+    assert f"{N_ITEMS}/{N_ITEMS} items ({summaries[0]['n_resumed']} from the checkpoint)" in done.stdout  # progress

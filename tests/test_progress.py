@@ -38,3 +38,13 @@ def test_eta_is_time_per_unit_of_work_times_work_left() -> None:
     assert estimate.eta(3, 5.0) == pytest.approx(1.0)
     assert estimate.eta(4, 6.0) == 0.0
     assert estimate.line("m arc_challenge", 1, 3.0) == "[llmlab] m arc_challenge: 1/4 items, 0.33 it/s, ETA 3s"
+
+
+def test_items_from_the_checkpoint_cost_nothing() -> None:
+    """Resumed items neither speed up the rate nor shorten the ETA."""
+    estimate = ProgressEstimate([10] * 10)
+    assert math.isnan(estimate.eta(4, 0.01, resumed=4))
+    assert estimate.line("m mmlu", 4, 0.01, resumed=4) == \
+        "[llmlab] m mmlu: 4/10 items (4 from the checkpoint), 0.00 it/s, ETA ?"
+    assert estimate.eta(6, 2.0, resumed=4) == pytest.approx(4.0)  # 2 items scored in 2 s, 4 left
+    assert estimate.line("m mmlu", 6, 2.0, resumed=4).endswith("6/10 items (4 from the checkpoint), 1.00 it/s, ETA 4s")
