@@ -101,6 +101,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="runs after reuse per task, each followed by pp probes")
     parser.add_argument("--data-dir", type=Path, default=default_data_dir())
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
     print(f"SmolLM2-135M-Instruct (Q4_1 GGUF), {args.threads} threads")
     print(f"{'backend':12} {'task':16} {'shots':>5} {'n':>4} {'it/s before':>11} {'it/s after':>10} "
           f"{'after range':>11} {'speed-up':>8} "
