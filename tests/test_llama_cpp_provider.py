@@ -6,6 +6,8 @@ import json
 import multiprocessing
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -352,17 +354,31 @@ def test_missing_package_names_pip_install(monkeypatch: pytest.MonkeyPatch) -> N
         embedded_gguf(SMOLLM2)
 
 
+RSS_AROUND_LOAD = """
+import json, sys
+import psutil
+from llmlab_fixtures.providers.base import LoglikelihoodRequest
+from llmlab_fixtures.providers.llama_cpp import LlamaCppProvider
+
+proc = psutil.Process()
+before = proc.memory_info().rss
+provider = LlamaCppProvider(sys.argv[1], "smollm2-135m", n_ctx=4096)
+provider.initialize()
+provider.loglikelihood([LoglikelihoodRequest("Question: What do plants need to grow?\\nAnswer:", " sunlight")])
+loaded = proc.memory_info().rss
+provider.close()
+print(json.dumps([before, loaded, proc.memory_info().rss]))
+"""
+
+
 def test_close_releases_memory(smollm_path: Path, tmp_path: Path) -> None:
-    psutil = pytest.importorskip("psutil")
-    proc = psutil.Process()
-    copy = tmp_path / "copy.gguf"  # a private copy so the module fixtures' mappings don't count
+    """In a fresh process (a test worker's earlier models leave freed heap that a load can reuse unseen)."""
+    pytest.importorskip("psutil")
+    copy = tmp_path / "copy.gguf"  # a private copy: no other mapping of the file counts
     shutil.copyfile(smollm_path, copy)
-    before = proc.memory_info().rss
-    provider = LlamaCppProvider(copy, "smollm2-135m", n_ctx=4096)
-    provider.initialize()
-    provider.loglikelihood(arc_requests(arc_items(1)[0]))
-    loaded = proc.memory_info().rss
-    provider.close()
-    after = proc.memory_info().rss
+    done = subprocess.run([sys.executable, "-c", RSS_AROUND_LOAD, str(copy)], capture_output=True, text=True,
+                          timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    before, loaded, after = json.loads(done.stdout.strip().splitlines()[-1])
     assert loaded - before > 50 << 20
     assert after - before < (loaded - before) / 4
