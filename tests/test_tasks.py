@@ -447,7 +447,6 @@ def test_evaluate_loglik_arc(data_dir: Path):
     assert metrics["acc_norm"] == pytest.approx(sum(i.metrics["acc_norm"] for i in run.items) / 30)
 
 
-
 def test_windowed_scoring_reports_progress_once_per_finished_block(data_dir: Path):
     """Items scored together finish together: progress counts the whole block, not its first item."""
     task = get_task("arc_easy")
@@ -461,6 +460,7 @@ def test_windowed_scoring_reports_progress_once_per_finished_block(data_dir: Pat
     assert progress == [(16, 30), (30, 30)]
     assert [i.item_id for i in seen] == [i.item_id for i in run.items] == [d["id"] for d in docs]
     assert len(model.loglik_calls) == 8  # 4 items a call
+
 
 def test_evaluate_records_provider_errors_and_goes_on(data_dir: Path):
     task = get_task("arc_challenge")
