@@ -37,6 +37,7 @@ from llmlab_fixtures.testing.anthropic_server import running_anthropic_server
 from llmlab_fixtures.testing.backing_model import BackingModel
 from llmlab_fixtures.testing.google_server import running_google_server
 from llmlab_fixtures.testing.loopback import Fault, LoopbackServer, load_backing
+from llmlab_fixtures.testing.no_repack import load_llama
 from llmlab_fixtures.testing.openai_server import running_llama_cpp_openai_server
 
 SECRET = "sk-test-SECRET123"
@@ -167,9 +168,7 @@ def compat_spec(base_url: str, model: str = "smollm2") -> ModelSpec:
 @pytest.fixture(scope="module")
 def direct_greedy(gguf: Path) -> str:
     """The greedy completion of PROMPT by llama-cpp-python's Llama on the same GGUF, in this process."""
-    from llama_cpp import Llama
-
-    llm = Llama(model_path=str(gguf), n_ctx=2048, n_threads=1, n_threads_batch=1, seed=0, verbose=False)
+    llm = load_llama(gguf, n_ctx=2048, n_threads=1, n_threads_batch=1, seed=0, verbose=False)
     try:
         return llm.create_completion(PROMPT, max_tokens=12, temperature=0.0)["choices"][0]["text"]
     finally:

@@ -22,6 +22,7 @@ from llmlab_fixtures.providers.base import GenerationRequest, LoglikelihoodReque
 
 pytest.importorskip("llama_cpp")
 from llmlab_fixtures.providers.llama_cpp import LlamaCppProvider
+from llmlab_fixtures.testing.no_repack import load_llama
 
 LOGPROB_TOL = 1e-4  # batch_invariant decoding makes shared-prefix and from-scratch scores (nearly) bit-identical
 
@@ -157,12 +158,10 @@ def test_cross_item_primer_reuse(smollm: LlamaCppProvider, smollm_scratch: Llama
 
 def test_scores_match_full_logits_from_high_level_api(smollm_path: Path, smollm: LlamaCppProvider) -> None:
     """Independent check of the position/target bookkeeping: llama_cpp.Llama with logits_all=True."""
-    from llama_cpp import Llama
-
     req = arc_requests(arc_items(1)[0])[2]
     ours = smollm.loglikelihood([req])[0]
     ctx, cont = smollm.encode_pair(req.context, req.continuation)
-    llm = Llama(str(smollm_path), n_ctx=512, logits_all=True, verbose=False)
+    llm = load_llama(smollm_path, n_ctx=512, logits_all=True, verbose=False)
     try:
         seq = ctx + cont
         llm.eval(seq[:-1])
@@ -382,3 +381,14 @@ def test_close_releases_memory(smollm_path: Path, tmp_path: Path) -> None:
     before, loaded, after = json.loads(done.stdout.strip().splitlines()[-1])
     assert loaded - before > 50 << 20
     assert after - before < (loaded - before) / 4
+
+
+def test_reference_llama_loads_without_weight_repacking(smollm_path: Path) -> None:
+    """The loopback servers' reference Llama skips extra CPU buffer types, as our backend does by default."""
+    import llama_cpp.llama_cpp as lib
+
+    llm = load_llama(smollm_path, n_ctx=64, verbose=False)
+    llm.close()
+    assert lib.llama_model_default_params().use_extra_bufts is False
+    load_llama(smollm_path, vocab_only=True, n_ctx=64, verbose=False).close()  # a second call patches nothing twice
+    assert getattr(lib.llama_model_default_params, "no_repack", False)

@@ -162,8 +162,7 @@ class LlamaCppProvider(Provider):
         _quiet_llama_logs(lib)
         _LOG_LINES.clear()
         mparams = lib.llama_model_default_params()
-        if self.batch_invariant:
-            mparams.use_extra_bufts = False  # no CPU weight repacking (see __init__)
+        mparams.use_extra_bufts = not self.batch_invariant  # CPU weight repacking only when not batch-invariant
 
         def load(layers: int) -> Any:
             mparams.n_gpu_layers = 0x7FFFFFFF if layers < 0 else layers

@@ -27,14 +27,14 @@ class BackingModel:
     """One GGUF loaded once and shared by all requests of a server (requests are served one at a time)."""
 
     def __init__(self, gguf_path: Path, *, n_ctx: int = 4096, n_threads: int | None = None, seed: int = 0) -> None:
-        from llama_cpp import Llama
+        from llmlab_fixtures.testing.no_repack import load_llama
 
         self.path = Path(gguf_path)
         self.load_started = time.perf_counter()
         # both thread counts: llama-cpp-python otherwise processes prompts on every CPU, which on a small shared
         # machine is many times slower than the cores it was given
-        self.llm = Llama(model_path=str(self.path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
-                         seed=seed, verbose=False)
+        self.llm = load_llama(self.path, n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads, seed=seed,
+                              verbose=False)
         self.load_s = time.perf_counter() - self.load_started
         self.lock = threading.Lock()
 

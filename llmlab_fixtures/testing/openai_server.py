@@ -56,8 +56,9 @@ def running_llama_cpp_openai_server(model_path: Path | str, model_alias: str = "
     ``api_key``: make the server require this key. The process is terminated (then killed) on exit.
     """
     port = free_port()
-    command = [sys.executable, "-m", "llama_cpp.server", "--model", str(model_path), "--model_alias", model_alias,
-               "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(n_ctx), "--interrupt_requests", "False"]
+    command = [sys.executable, "-m", "llmlab_fixtures.testing.no_repack",  # llama_cpp.server, weights not repacked
+               "--model", str(model_path), "--model_alias", model_alias, "--host", "127.0.0.1", "--port", str(port),
+               "--n_ctx", str(n_ctx), "--interrupt_requests", "False"]
     # both counts: the server's default runs prompts on every CPU, pathologically slow on small shared machines
     command += ["--n_threads", str(n_threads), "--n_threads_batch", str(n_threads)]
     if api_key is not None:
