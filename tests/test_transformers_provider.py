@@ -576,3 +576,19 @@ def test_plugin_runs_arc_challenge_on_transformers(bench_pytester: pytest.Pytest
     model = json.loads((out / "results.json").read_text())["models"]["transformers:smollm2-135m"]
     assert model["quantization"] == "dequantised from Q4_1" and model["add_bos_token"] is False
     assert model["extra"]["source"] == "gguf" and model["extra"]["device"] == "cpu"
+
+
+def test_tree_blocks_score_like_one_masked_pass(tf_smollm: TransformersProvider, data_dir: Path) -> None:
+    """Packed trees scored through block-sparse attention match the same trees under one masked SDPA pass."""
+    requests = [r for task in ("arc_challenge", "hellaswag") for reqs, _ in mc_items(data_dir, task, 12) for r in reqs]
+    runs = []
+    for blocks in (True, False):
+        tf_smollm.tree_blocks, tf_smollm._prefix = blocks, None
+        try:
+            runs.append(tf_smollm.loglikelihood(requests))
+        finally:
+            tf_smollm.tree_blocks = True
+    for a, b in zip(*runs):
+        assert a.logprob == pytest.approx(b.logprob, abs=BATCH_TOL)
+        assert (a.is_greedy, a.evaluated_tokens) == (b.is_greedy, b.evaluated_tokens)
+    assert predictions(runs[0], requests) == predictions(runs[1], requests)

@@ -31,6 +31,8 @@ from llmlab_fixtures.providers.base import (
 from llmlab_fixtures.providers.gguf_conversion import GgufConversion, conversion_cache_enabled
 from llmlab_fixtures.providers.token_tree import PackedTree, pack_tree
 from llmlab_fixtures.providers.tokens import common_prefix_length, find_stop, probe_tokens, split_context
+from llmlab_fixtures.providers.tree_attention import TREE_BLOCKS_KWARG, plan_blocks, tree_mask
+from llmlab_fixtures.providers.tree_attention import install as install_tree_attention
 
 INSTALL_HINT = "pip install transformers gguf accelerate"
 AUTO_MAX_BATCH = 64  # rows per forward pass where auto batching starts (halved on out-of-memory)
@@ -447,6 +449,7 @@ class TransformersProvider(Provider):
         self._prefix: _Prefix | None = None
         self._pack_tokens = _PACK_TOKENS["cpu"]
         self._attention = "sdpa"  # the model's attention implementation (the packed mask's form depends on it)
+        self.tree_blocks = True  # SDPA over blocks of a packed tree instead of one masked pass (tree_attention)
         self._conversion_state: str | None = None  # GGUF sources: "converted now" or "loaded saved"
 
     # --- lifecycle -------------------------------------------------------------------------------------
@@ -572,6 +575,8 @@ class TransformersProvider(Provider):
         self._attention = getattr(self._model.config, "_attn_implementation", None) or "eager"
         if _has_sliding_window(self._model.config) or self._attention not in ("sdpa", "eager"):
             self.share_prefix = False  # a sliding-window cache cannot be cut back; other kernels take no tree mask
+        if self._attention == "sdpa":
+            install_tree_attention()
         self._pack_tokens = _PACK_TOKENS.get(self.device.split(":")[0], _PACK_TOKENS["cpu"])
         self._setup_tokens()  # again: the model's config and generation config add end-of-generation ids
         config = self._model.config
@@ -740,12 +745,8 @@ class TransformersProvider(Provider):
         import torch
 
         n = len(tree.tokens)
-        allowed = torch.zeros((n, shared + n), dtype=torch.bool)
-        allowed[:, :shared] = True
-        for node, parent in enumerate(tree.parents):
-            if parent >= 0:
-                allowed[node] = allowed[parent]
-            allowed[node, shared + node] = True
+        allowed = tree_mask(tree, shared)
+        blocks = plan_blocks(tree, allowed, shared) if self.tree_blocks and self._attention == "sdpa" else None
         if self._attention != "sdpa":  # eager attention adds the mask to its scores
             allowed = torch.zeros(allowed.shape, dtype=self.dtype).masked_fill_(~allowed, torch.finfo(self.dtype).min)
         keep = torch.zeros((1, n), dtype=torch.bool)
@@ -760,6 +761,8 @@ class TransformersProvider(Provider):
             kwargs[self._cache_kwarg] = prefix.cache
         if self._mask_logits:
             kwargs["logits_to_keep"] = keep.to(self.device)
+        if blocks is not None:
+            kwargs[TREE_BLOCKS_KWARG] = blocks.to(self.device)
         try:
             with torch.inference_mode():
                 logits = self._model(**kwargs).logits

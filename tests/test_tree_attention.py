@@ -1,0 +1,73 @@
+"""Block-sparse tree attention gives what one SDPA pass with the tree mask gives; it is used where it saves work."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from llmlab_fixtures.providers.token_tree import pack_tree
+from llmlab_fixtures.providers.tree_attention import blocked_attention, plan_blocks, tree_mask
+
+torch = pytest.importorskip("torch")
+F = pytest.importorskip("torch.nn.functional")
+
+HEADS, KV_HEADS, DIM = 9, 3, 64  # SmolLM2's grouped-query attention
+
+
+def items_as_sequences(n_items: int, seed: int = 0) -> list[list[int]]:
+    """Multiple-choice items as sequences: a context of 10-40 tokens, then four choices of 1-8 tokens (two of them
+    sharing their first token); sorted, as the backend packs them."""
+    rng = random.Random(seed)
+    sequences = []
+    for _ in range(n_items):
+        context = [rng.randrange(1, 1000) for _ in range(rng.randint(10, 40))]
+        first = rng.randrange(1, 1000)
+        for choice in range(4):
+            tail = [rng.randrange(1, 1000) for _ in range(rng.randint(1, 8))]
+            sequences.append(context + ([first] if choice < 2 else []) + tail)
+    return sorted(sequences)
+
+
+def packed(n_items: int, max_nodes: int = 512):
+    sequences = items_as_sequences(n_items)
+    return pack_tree(sequences, [len(s) // 2 for s in sequences], 0, max_nodes=max_nodes, max_kept=10_000)
+
+
+@pytest.mark.parametrize("shared", [0, 37])
+def test_blocked_attention_matches_one_masked_pass(shared: int) -> None:
+    tree = packed(16)
+    n = len(tree.tokens)
+    allowed = tree_mask(tree, shared)
+    blocks = plan_blocks(tree, allowed, shared)
+    assert blocks is not None and blocks.queries.shape[0] >= 4
+    assert sorted(blocks.queries[blocks.query_valid].tolist()) == list(range(n))  # every node is a query once
+    gen = torch.Generator().manual_seed(shared)
+    query = torch.randn(1, HEADS, n, DIM, generator=gen)
+    key = torch.randn(1, KV_HEADS, shared + n, DIM, generator=gen)
+    value = torch.randn(1, KV_HEADS, shared + n, DIM, generator=gen)
+    dense = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed[None, None], scale=0.125,
+                                           enable_gqa=True).transpose(1, 2)
+    got = blocked_attention(query, key, value, blocks, 0.125)
+    assert got.shape == dense.shape == (1, n, HEADS, DIM)
+    torch.testing.assert_close(got, dense, atol=1e-5, rtol=1e-5)
+
+
+def test_a_node_attends_to_its_ancestors_only() -> None:
+    tree = pack_tree([[1, 2, 3], [1, 2, 4], [5, 6]], [1, 1, 1], 0, max_nodes=99, max_kept=99)
+    assert tree_mask(tree, 2).int().tolist() == [
+        [1, 1, 1, 0, 0, 0, 0, 0],  # 1
+        [1, 1, 1, 1, 0, 0, 0, 0],  # 1 2
+        [1, 1, 1, 1, 1, 0, 0, 0],  # 1 2 3
+        [1, 1, 1, 1, 0, 1, 0, 0],  # 1 2 4
+        [1, 1, 0, 0, 0, 0, 1, 0],  # 5
+        [1, 1, 0, 0, 0, 0, 1, 1],  # 5 6
+    ]
+
+
+def test_blocks_are_planned_only_where_they_save_work() -> None:
+    one_item = packed(1)
+    assert plan_blocks(one_item, tree_mask(one_item, 0), 0) is None  # a single block is dense attention again
+    tree = packed(16)
+    assert plan_blocks(tree, tree_mask(tree, 0), 0) is not None
+    assert plan_blocks(tree, tree_mask(tree, 4000), 4000) is None  # every block would re-read a long prefix
