@@ -46,23 +46,16 @@ def spec(raw: str) -> ModelSpec:
 
 
 @contextmanager
-def prefix_sharing(provider: TransformersProvider, on: bool) -> Iterator[None]:
-    saved = provider.share_prefix
-    provider.share_prefix = on
+def settings(provider: TransformersProvider, **values: object) -> Iterator[None]:
+    """The provider's attributes set to ``values`` for the block, then restored."""
+    saved = {name: getattr(provider, name) for name in values}
+    for name, value in values.items():
+        setattr(provider, name, value)
     try:
         yield
     finally:
-        provider.share_prefix = saved
-
-
-@contextmanager
-def batch_size(provider: TransformersProvider, size: int | None) -> Iterator[None]:
-    saved = provider.batch_size
-    provider.batch_size = size
-    try:
-        yield
-    finally:
-        provider.batch_size = saved
+        for name, value in saved.items():
+            setattr(provider, name, value)
 
 
 def mc_items(data_dir: Path, task_name: str, n: int) -> list[tuple[list[LoglikelihoodRequest], int]]:
@@ -248,11 +241,11 @@ def test_batched_loglikelihood_equals_one_row_at_a_time(tf_smollm: TransformersP
     requests = [r for reqs, _ in mc_items(data_dir, "arc_challenge", 2) for r in reqs]
     requests += [r for reqs, _ in mc_items(data_dir, "hellaswag", 2) for r in reqs]
     random.Random(7).shuffle(requests)
-    with prefix_sharing(tf_smollm, False):
+    with settings(tf_smollm, share_prefix=False):
         batched = tf_smollm.loglikelihood(requests)  # auto: one forward pass here
-        with batch_size(tf_smollm, 3):
+        with settings(tf_smollm, batch_size=3):
             threes = tf_smollm.loglikelihood(requests)
-        with batch_size(tf_smollm, 1):
+        with settings(tf_smollm, batch_size=1):
             single = [tf_smollm.loglikelihood([r])[0] for r in requests]  # ground truth for the order, too
     assert len(batched) == len(threes) == len(single) == len(requests)
     for a, b, c, req in zip(batched, threes, single, requests):
@@ -273,7 +266,7 @@ def test_shared_prefixes_match_scratch(tf_smollm: TransformersProvider, data_dir
     shots = ExemplarSampler(mmlu, load_docs(mmlu, data_dir, split="dev"), 5)
     items = [reqs for reqs, _ in mc_items(data_dir, "truthfulqa_mc2", 3)]
     items += [loglikelihood_requests(mmlu, doc, shots.exemplars(doc)) for doc in load_docs(mmlu, data_dir)[:3]]
-    with prefix_sharing(tf_smollm, False):
+    with settings(tf_smollm, share_prefix=False):
         scratch = [tf_smollm.loglikelihood(reqs) for reqs in items]
     tf_smollm._prefix = None
     shared = [tf_smollm.loglikelihood(reqs) for reqs in items]  # one call per item, as the evaluator makes them
@@ -307,7 +300,7 @@ def test_items_scored_together_match_one_at_a_time(tf_smollm: TransformersProvid
             runs = []
             for window, share, pack in ((4, True, 512), (4, True, 48), (1, False, 512)):  # 48: a tree per few rows
                 tf_smollm.loglik_items_per_call, tf_smollm._prefix, tf_smollm._pack_tokens = window, None, pack
-                with prefix_sharing(tf_smollm, share):
+                with settings(tf_smollm, share_prefix=share):
                     runs.append(evaluate(task, tf_smollm, docs, model_name="t", fewshot_docs=fewshot,
                                          scoring="loglik", num_fewshot=shots))
             alone = runs[-1]
@@ -404,7 +397,7 @@ def test_identical_inputs_are_run_once(tf_smollm: TransformersProvider) -> None:
     requests = [LoglikelihoodRequest(context, f" {letter}") for letter in "ABCD"]
     tf_smollm._prefix = None
     shared = tf_smollm.loglikelihood(requests)
-    with prefix_sharing(tf_smollm, False):
+    with settings(tf_smollm, share_prefix=False):
         scratch = tf_smollm.loglikelihood(requests)
     assert [r.logprob for r in shared] == pytest.approx([r.logprob for r in scratch], abs=BATCH_TOL)
     assert [r.is_greedy for r in shared] == [r.is_greedy for r in scratch]
@@ -583,11 +576,8 @@ def test_tree_blocks_score_like_one_masked_pass(tf_smollm: TransformersProvider,
     requests = [r for task in ("arc_challenge", "hellaswag") for reqs, _ in mc_items(data_dir, task, 12) for r in reqs]
     runs = []
     for blocks in (True, False):
-        tf_smollm.tree_blocks, tf_smollm._prefix = blocks, None
-        try:
+        with settings(tf_smollm, tree_blocks=blocks, _prefix=None):
             runs.append(tf_smollm.loglikelihood(requests))
-        finally:
-            tf_smollm.tree_blocks = True
     for a, b in zip(*runs):
         assert a.logprob == pytest.approx(b.logprob, abs=BATCH_TOL)
         assert (a.is_greedy, a.evaluated_tokens) == (b.is_greedy, b.evaluated_tokens)

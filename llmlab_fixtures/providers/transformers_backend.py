@@ -31,8 +31,7 @@ from llmlab_fixtures.providers.base import (
 from llmlab_fixtures.providers.gguf_conversion import GgufConversion, conversion_cache_enabled
 from llmlab_fixtures.providers.token_tree import PackedTree, pack_tree
 from llmlab_fixtures.providers.tokens import common_prefix_length, find_stop, probe_tokens, split_context
-from llmlab_fixtures.providers.tree_attention import TREE_BLOCKS_KWARG, plan_blocks, tree_mask
-from llmlab_fixtures.providers.tree_attention import install as install_tree_attention
+from llmlab_fixtures.providers.tree_attention import TREE_BLOCKS_KWARG, install_tree_attention, plan_blocks, tree_mask
 
 INSTALL_HINT = "pip install transformers gguf accelerate"
 AUTO_MAX_BATCH = 64  # rows per forward pass where auto batching starts (halved on out-of-memory)

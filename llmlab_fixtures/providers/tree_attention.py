@@ -8,13 +8,13 @@ a block's queries are the nodes its sequences added, its keys the cached prefix 
 The blocks go through SDPA as one batch, padded to the longest block, and the outputs are put back in node order.
 Each token still attends to exactly the keys the mask allows, so the outputs match dense attention to rounding.
 
-``install()`` wraps transformers' ``sdpa`` attention function (for every model in the process): a pass given a
-``TreeBlocks`` as ``llmlab_tree_blocks`` takes this path, every other call goes to SDPA unchanged.
+``install_tree_attention()`` wraps transformers' ``sdpa`` attention function (for every model in the process): a
+pass given a ``TreeBlocks`` as ``llmlab_tree_blocks`` takes this path, every other call goes to SDPA unchanged.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from llmlab_fixtures.providers.token_tree import PackedTree
@@ -41,6 +41,15 @@ class TreeBlocks:
                           self.mask.to(device))
 
 
+@dataclass
+class _Group:
+    """Consecutive packed sequences that form one block: the nodes they added and every node on their paths."""
+
+    first: int
+    end: int
+    keys: set[int] = field(default_factory=set)
+
+
 def tree_mask(tree: PackedTree, shared: int) -> Any:
     """Which keys each node may attend to, as a boolean [nodes, shared + nodes] tensor: the ``shared`` cached
     prefix, its ancestors and itself."""
@@ -63,29 +72,29 @@ def plan_blocks(tree: PackedTree, allowed: Any, shared: int, *,
     that every block has to read again)."""
     import torch
 
-    groups: list[tuple[int, int, set[int]]] = []  # (first node, end node, key nodes) per block
+    groups: list[_Group] = []
     node = 0
     for path, added in zip(tree.paths, tree.new_nodes):
-        if groups and node + added - groups[-1][0] <= block_queries:
-            first, _, keys = groups[-1]
-            groups[-1] = (first, node + added, keys | set(path))
-        else:
-            groups.append((node, node + added, set(path)))
+        if not groups or node + added - groups[-1].first > block_queries:
+            groups.append(_Group(node, node))
         node += added
+        groups[-1].end = node
+        groups[-1].keys.update(path)
     n = len(tree.tokens)
-    n_queries = max(end - first for first, end, _ in groups)
-    n_keys = max(len(keys) for _, _, keys in groups)
+    n_queries = max(g.end - g.first for g in groups)
+    n_keys = max(len(g.keys) for g in groups)
     if len(groups) < 2 or 2 * len(groups) * n_queries * (shared + n_keys) > n * (shared + n):
         return None
     queries = torch.zeros((len(groups), n_queries), dtype=torch.long)
     query_valid = torch.zeros((len(groups), n_queries), dtype=torch.bool)
     keys = torch.zeros((len(groups), n_keys), dtype=torch.long)
     key_valid = torch.zeros((len(groups), n_keys), dtype=torch.bool)
-    for b, (first, end, key_nodes) in enumerate(groups):
-        queries[b, : end - first] = torch.arange(first, end)
-        queries[b, end - first :] = first
-        query_valid[b, : end - first] = True
-        ordered = sorted(key_nodes)
+    for b, group in enumerate(groups):
+        first, size = group.first, group.end - group.first
+        queries[b, :size] = torch.arange(first, group.end)
+        queries[b, size:] = first
+        query_valid[b, :size] = True
+        ordered = sorted(group.keys)
         keys[b, : len(ordered)] = torch.tensor(ordered)
         keys[b, len(ordered) :] = ordered[0]
         key_valid[b, : len(ordered)] = True
@@ -116,7 +125,7 @@ def blocked_attention(query: Any, key: Any, value: Any, blocks: TreeBlocks, scal
     return result[None]
 
 
-def install() -> None:
+def install_tree_attention() -> None:
     """Route transformers' ``sdpa`` attention through ``blocked_attention`` when a pass carries tree blocks."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
