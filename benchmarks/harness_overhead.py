@@ -95,7 +95,8 @@ def main() -> None:
     parser.add_argument("--num-fewshot", type=int, default=None)
     parser.add_argument("--data-dir", type=Path, default=default_data_dir())
     args = parser.parse_args()
-    provider = RecordingProvider(embedded_gguf(SMOLLM2), "smollm2-135m", n_threads=args.threads)
+    # one sequence at a time: the replay below is of single-stream calls (streams are timed by reuse_speed.py)
+    provider = RecordingProvider(embedded_gguf(SMOLLM2), "smollm2-135m", n_threads=args.threads, parallel=1)
     provider.initialize()
     print(f"SmolLM2-135M Q4_1, llama.cpp, {args.threads} threads, first {args.limit} items, "
           f"median of {args.rounds} rounds")

@@ -156,6 +156,27 @@ def test_cross_item_primer_reuse(smollm: LlamaCppProvider, smollm_scratch: Llama
             assert first.evaluated_tokens <= first.context_tokens + first.continuation_tokens - primer_tokens + 1
 
 
+def test_parallel_streams_score_bit_for_bit_like_one_sequence(smollm_path: Path, smollm: LlamaCppProvider) -> None:
+    """Several items in one call go to KV-cache streams of their own, several streams per llama_decode: the same
+    scores to the last bit as one sequence at a time, and a primer they share is decoded once, not per stream."""
+    shots = arc_items(3, split="train")
+    primer = "".join(f"Question: {s['question']}\nAnswer: {s['choices']['text'][0]}\n\n" for s in shots)
+    items = arc_items(10)
+    with LlamaCppProvider(smollm_path, "smollm2-135m", n_ctx=2048, parallel=1) as one_sequence:
+        for prefix in ("", primer):
+            requests = [r for item in items for r in arc_requests(item, prefix)]
+            smollm.reset_cache()
+            parallel = smollm.loglikelihood(requests)
+            assert smollm._streams is not None and smollm._streams.n_streams == 4
+            single = one_sequence.loglikelihood(requests)
+            assert [r.logprob for r in parallel] == [r.logprob for r in single]
+            assert [r.is_greedy for r in parallel] == [r.is_greedy for r in single]
+            if prefix:  # copied to the other streams: decoding it on each of the four would add 3 x its tokens
+                extra = sum(r.evaluated_tokens for r in parallel) - sum(r.evaluated_tokens for r in single)
+                assert extra < len(smollm.tokenize(primer))
+    smollm.reset_cache()
+
+
 def test_scores_match_full_logits_from_high_level_api(smollm_path: Path, smollm: LlamaCppProvider) -> None:
     """Independent check of the position/target bookkeeping: llama_cpp.Llama with logits_all=True."""
     req = arc_requests(arc_items(1)[0])[2]

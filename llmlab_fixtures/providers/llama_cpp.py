@@ -26,11 +26,14 @@ from llmlab_fixtures.providers.base import (
     ModelInfo,
     Provider,
 )
+from llmlab_fixtures.providers.llama_streams import LlamaStreams, StreamJob, plan_chunks, plan_runs
 from llmlab_fixtures.providers.tokens import common_prefix_length, find_stop, probe_tokens, split_context
 from llmlab_fixtures.resources import load_with_cpu_fallback
 
 _SEQ = 0  # the single sequence id this provider uses
 _DEFAULT_MAX_CTX = 8192
+_STREAM_CELLS_STEP = 256  # KV-cache streams are sized to the longest input, rounded up to this
+_STREAM_MIN_CELLS = 1024  # ... and hold at least this many tokens, so short tasks never remake them
 _MIN_DECODE = 8  # tokens per llama_decode call from which CPU kernels give batch-size-independent results
 _LOG_LINES: deque[str] = deque(maxlen=32)
 _LOG_STATE: dict[str, Any] = {}  # keeps the ctypes log callback alive
@@ -91,6 +94,40 @@ class _Pending:
         self.inputs = self.seq[:-1]
 
 
+class _GroupScore:
+    """Requests that run the same input tokens: the logits rows they read, and their log-probs as rows arrive."""
+
+    def __init__(self, group: Sequence[_Pending]) -> None:
+        self.group = group
+        self.inputs = group[0].inputs
+        self.first = min(p.first for p in group)
+        self.readers: dict[int, list[tuple[_Pending, int]]] = {}  # position -> (request, target token)
+        for p in group:
+            for pos in range(p.first, len(self.inputs)):
+                self.readers.setdefault(pos, []).append((p, p.seq[pos + 1]))
+        self.outputs = set(self.readers)
+        self.logprob = {p.index: 0.0 for p in group}
+        self.greedy = {p.index: True for p in group}
+
+    def read(self, pos: int, row: np.ndarray) -> None:
+        """Take the logits row of input position ``pos``: one normalizer however many requests read it."""
+        lse, best = _log_normalizer(row)
+        for p, target in self.readers[pos]:
+            self.logprob[p.index] += float(row[target]) - lse
+            self.greedy[p.index] = self.greedy[p.index] and best == target
+
+    def job(self, stream: int, n_tokens: int) -> StreamJob:
+        """Decode the last ``n_tokens`` inputs on ``stream``, the earlier ones staying cached there."""
+        keep = len(self.inputs) - n_tokens
+        return StreamJob(stream, keep, self.inputs[keep:], self.outputs, self.read)
+
+    def results(self, evaluated: int) -> list[tuple[_Pending, LoglikelihoodResult]]:
+        """Each request's result; the ``evaluated`` tokens count once, on the first request."""
+        return [(p, LoglikelihoodResult(self.logprob[p.index], self.greedy[p.index], p.context_tokens,
+                                        p.continuation_tokens, evaluated if n == 0 else 0))
+                for n, p in enumerate(self.group)]
+
+
 class LlamaCppProvider(Provider):
     """A GGUF model loaded in this process; reuses the KV cache across requests that share a token prefix."""
 
@@ -111,6 +148,7 @@ class LlamaCppProvider(Provider):
         n_outputs_max: int = 64,
         flash_attn: bool = False,
         batch_invariant: bool = True,
+        parallel: int = 4,
     ) -> None:
         self.model_path = Path(model_path)
         self.name = name
@@ -129,6 +167,10 @@ class LlamaCppProvider(Provider):
         self.batch_invariant = batch_invariant
         self._min_decode = _MIN_DECODE if batch_invariant else 1
         self.n_outputs_max = min(n_batch, max(self._min_decode, n_outputs_max))  # logits rows per call (memory)
+        # Up to ``parallel`` items are scored side by side, each in a KV-cache stream of its own (llama_streams):
+        # fewer calls, the same scores bit for bit. 1 scores one sequence at a time.
+        self.parallel = max(1, parallel)
+        self._streams: LlamaStreams | None = None
         self._lib: Any = None
         self._model: Any = None
         self._ctx: Any = None
@@ -183,6 +225,8 @@ class LlamaCppProvider(Provider):
         self.n_threads = threads
         if self._ctx is not None:
             self._lib.llama_set_n_threads(self._ctx, threads, threads)
+        if self._streams is not None:
+            self._streams.set_threads(threads)
         return True
 
     def _create_context(self, lib: Any, meta: dict[str, Any]) -> None:
@@ -193,17 +237,7 @@ class LlamaCppProvider(Provider):
         self.eos_id = lib.llama_vocab_eos(self._vocab)
         trained = lib.llama_model_n_ctx_train(self._model) or meta.get("context_length") or _DEFAULT_MAX_CTX
         n_ctx = self.requested_n_ctx or min(trained, _DEFAULT_MAX_CTX)
-        cparams = lib.llama_context_default_params()
-        cparams.n_ctx = n_ctx
-        cparams.n_batch = cparams.n_ubatch = self.n_batch
-        cparams.n_seq_max = 1
-        cparams.n_outputs_max = self.n_outputs_max
-        cparams.n_threads = cparams.n_threads_batch = self.n_threads
-        cparams.no_perf = True
-        cparams.flash_attn_type = (
-            lib.LLAMA_FLASH_ATTN_TYPE_ENABLED if self.flash_attn else lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        )
-        cparams.swa_full = True  # keep every position so the cache can be cut back to any prefix
+        cparams = self._context_params(n_ctx)
         self._ctx = lib.llama_init_from_model(self._model, cparams)
         if not self._ctx:
             self._ctx = None
@@ -216,11 +250,47 @@ class LlamaCppProvider(Provider):
         self._batch = lib.llama_batch_init(self.n_batch, 0, 1)
         self._cached = []
 
+    def _context_params(self, n_ctx: int) -> Any:
+        """llama.cpp context parameters for one sequence of ``n_ctx`` tokens."""
+        lib = self._lib
+        cparams = lib.llama_context_default_params()
+        cparams.n_ctx = n_ctx
+        cparams.n_batch = cparams.n_ubatch = self.n_batch
+        cparams.n_seq_max = 1
+        cparams.n_outputs_max = self.n_outputs_max
+        cparams.n_threads = cparams.n_threads_batch = self.n_threads
+        cparams.no_perf = True
+        cparams.flash_attn_type = (
+            lib.LLAMA_FLASH_ATTN_TYPE_ENABLED if self.flash_attn else lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
+        cparams.swa_full = True  # keep every position so the cache can be cut back to any prefix
+        return cparams
+
+    def _streams_for(self, longest: int) -> LlamaStreams | None:
+        """``parallel`` KV-cache streams that each hold ``longest`` tokens (made, or remade larger, on first need);
+        None when they would need more cells than the main context has."""
+        needed = -(-longest // _STREAM_CELLS_STEP) * _STREAM_CELLS_STEP
+        if self.parallel * needed > self.n_ctx:
+            return None
+        cells = max(needed, min(_STREAM_MIN_CELLS, self.n_ctx // self.parallel))
+        if self._streams is None or self._streams.cells < cells:
+            if self._streams is not None:
+                self._streams.close()
+                self._streams = None
+            self._streams = LlamaStreams(self._lib, self._model, self._context_params(self.n_ctx),
+                                         n_streams=self.parallel, cells=cells,
+                                         n_vocab=self.n_vocab, min_decode=self._min_decode,
+                                         describe_error=_last_llama_error)
+        return self._streams
+
     def close(self) -> None:
         """Free the batch, context and model (the weights' mapping and the KV cache are released)."""
         lib = self._lib
         if lib is None:
             return
+        if self._streams is not None:
+            self._streams.close()
+            self._streams = None
         if self._batch is not None:
             lib.llama_batch_free(self._batch)
             self._batch = None
@@ -289,6 +359,8 @@ class LlamaCppProvider(Provider):
         lib = self._require()
         lib.llama_memory_clear(self._mem, True)
         self._cached = []
+        if self._streams is not None:
+            self._streams.clear()
 
     def _keep_prefix(self, tokens: Sequence[int], limit: int) -> int:
         """Cut the cache back to its common prefix with ``tokens`` (at most ``limit``); return what was kept."""
@@ -302,28 +374,6 @@ class LlamaCppProvider(Provider):
         del self._cached[keep:]
         return keep
 
-    def _plan_chunks(self, start: int, n_tokens: int, wanted: set[int]) -> list[tuple[int, int]]:
-        """Split [0, n_tokens) into llama_decode calls of <= n_batch tokens and <= n_outputs_max outputs."""
-        bounds: list[tuple[int, int]] = []
-        i = 0
-        while i < n_tokens:
-            j, n_out = i, 0
-            while j < n_tokens and j - i < self.n_batch:
-                if start + j in wanted:
-                    if n_out == self.n_outputs_max:
-                        break
-                    n_out += 1
-                j += 1
-            bounds.append((i, j))
-            i = j
-        if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < self._min_decode:
-            # only the last call can be short: lengthen it so every call runs the long-batch kernels
-            (a, b), (_, d) = bounds[-2], bounds[-1]
-            shift = min(self._min_decode - (d - b), b - a - self._min_decode)
-            if shift > 0:
-                bounds[-2:] = [(a, b - shift), (b - shift, d)]
-        return bounds
-
     def _decode(
         self, tokens: Sequence[int], outputs: Sequence[int], on_logits: Callable[[int, np.ndarray], None]
     ) -> None:
@@ -336,7 +386,8 @@ class LlamaCppProvider(Provider):
         if start + len(tokens) > self.n_ctx:
             raise LlmlabError(f"{start + len(tokens)} tokens exceed the {self.n_ctx}-token context of {self.name}")
         wanted = set(outputs)
-        for lo, hi in self._plan_chunks(start, len(tokens), wanted):
+        for lo, hi in plan_chunks(start, len(tokens), wanted, n_batch=self.n_batch,
+                                  n_outputs_max=self.n_outputs_max, min_decode=self._min_decode):
             out_rows: list[tuple[int, int]] = []
             for n in range(hi - lo):
                 pos = start + lo + n
@@ -388,33 +439,47 @@ class LlamaCppProvider(Provider):
         pending.sort(key=lambda p: (p.inputs, p.seq[-1]))
         groups = [list(g) for _, g in groupby(pending, key=lambda p: p.inputs)] if self.reuse_prefix \
             else [[p] for p in pending]
-        for group in groups:
-            for p, result in self._score_input(group):
-                results[p.index] = result
+        contexts = [list(c) for _, c in groupby(groups, key=lambda g: g[0].inputs[: g[0].first])]
+        streams = self._streams_for(max(len(g[0].inputs) for g in groups) + 1) \
+            if self.reuse_prefix and self.parallel > 1 and len(contexts) > 1 else None
+        scored = self._score_in_streams(streams, contexts) if streams is not None \
+            else [pair for group in groups for pair in self._score_input(group)]
+        for p, result in scored:
+            results[p.index] = result
         return [r for r in results if r is not None]
 
     def _score_input(self, group: Sequence[_Pending]) -> list[tuple[_Pending, LoglikelihoodResult]]:
         """Score requests that run the same input tokens: one decode after the cached prefix, one
         normalizer per logits row however many requests read it."""
-        inputs = group[0].inputs
-        first = min(p.first for p in group)
-        keep = self._keep_prefix(inputs, max(0, min(first, len(inputs) - self._min_decode)))
-        readers: dict[int, list[tuple[_Pending, int]]] = {}  # position -> (request, target token)
-        for p in group:
-            for pos in range(p.first, len(inputs)):
-                readers.setdefault(pos, []).append((p, p.seq[pos + 1]))
-        logprob = {p.index: 0.0 for p in group}
-        greedy = {p.index: True for p in group}
+        score = _GroupScore(group)
+        keep = self._keep_prefix(score.inputs, max(0, min(score.first, len(score.inputs) - self._min_decode)))
+        self._decode(score.inputs[keep:], sorted(score.outputs), score.read)
+        return score.results(len(score.inputs) - keep)
 
-        def read(pos: int, row: np.ndarray) -> None:
-            lse, best = _log_normalizer(row)
-            for p, target in readers[pos]:
-                logprob[p.index] += float(row[target]) - lse
-                greedy[p.index] = greedy[p.index] and best == target
-
-        self._decode(inputs[keep:], sorted(readers), read)
-        return [(p, LoglikelihoodResult(logprob[p.index], greedy[p.index], p.context_tokens, p.continuation_tokens,
-                                        len(inputs) - keep if n == 0 else 0)) for n, p in enumerate(group)]
+    def _score_in_streams(self, streams: LlamaStreams, contexts: Sequence[Sequence[Sequence[_Pending]]]
+                          ) -> list[tuple[_Pending, LoglikelihoodResult]]:
+        """Score ``contexts`` (each a list of request groups with one context, in input order) ``parallel`` at a
+        time, each context's groups one after another in a KV-cache stream of its own; each call decodes the next
+        group of several streams."""
+        scored: list[tuple[_Pending, LoglikelihoodResult]] = []
+        for wave in range(0, len(contexts), streams.n_streams):
+            # the contexts with most groups take the first streams, so the busy streams are always 0..k-1
+            queues = [deque(_GroupScore(g) for g in sorted(c, key=lambda g: len(g[0].inputs)))
+                      for c in sorted(contexts[wave : wave + streams.n_streams], key=len, reverse=True)]
+            streams.spread_prefix([q[0].inputs for q in queues], min(q[0].first for q in queues))
+            while queues and queues[0]:
+                busy = [q[0] for q in queues if q]
+                needs = [len(score.inputs) - min(common_prefix_length(streams.cached[s], score.inputs), score.first)
+                         for s, score in enumerate(busy)]
+                for first, end, n_tokens in plan_runs(
+                        needs, [len(score.inputs) for score in busy], [len(score.outputs) for score in busy],
+                        min_tokens=self._min_decode, max_tokens=self.n_batch, max_rows=self.n_outputs_max):
+                    run = busy[first:end]
+                    streams.run([score.job(s, n_tokens) for s, score in enumerate(run, first)])
+                    scored += [pair for score in run for pair in score.results(n_tokens)]
+                for queue in queues[: len(busy)]:
+                    queue.popleft()
+        return scored
 
     # --- generation --------------------------------------------------------------------------
 
@@ -501,6 +566,11 @@ class LlamaCppProvider(Provider):
 
     # --- info --------------------------------------------------------------------------------
 
+    @property  # type: ignore[override]
+    def loglik_items_per_call(self) -> int:
+        """Items whose requests come in one loglikelihood() call: enough for four rounds of parallel streams."""
+        return 4 * self.parallel if self.parallel > 1 and self.reuse_prefix else 1
+
     def get_model_info(self) -> ModelInfo:
         """Model facts from the GGUF header (and from llama.cpp once loaded)."""
         meta = self.metadata
@@ -517,6 +587,7 @@ class LlamaCppProvider(Provider):
             "reuse_prefix": self.reuse_prefix,
             "flash_attn": self.flash_attn,
             "batch_invariant": self.batch_invariant,
+            "parallel": self.parallel,
         }
         if lib is not None:
             import llama_cpp
@@ -537,7 +608,8 @@ class LlamaCppProvider(Provider):
         )
 
     def estimate_memory(self) -> int:
-        """File size + f16 KV cache (n_layer x n_ctx x (n_embd_k_gqa + n_embd_v_gqa) x 2) + compute buffers."""
+        """File size + f16 KV cache (n_layer x n_ctx x (n_embd_k_gqa + n_embd_v_gqa) x 2, twice with parallel
+        streams) + compute buffers."""
         meta = self.metadata
         n_ctx = self.n_ctx or self.requested_n_ctx or min(meta.get("context_length") or 2048, _DEFAULT_MAX_CTX)
         n_layer = int(meta.get("block_count") or 0)
@@ -546,6 +618,8 @@ class LlamaCppProvider(Provider):
         per_layer = heads_kv if isinstance(heads_kv, list) else [heads_kv] * n_layer
         kv_dims = (meta.get("key_length") or 0) + (meta.get("value_length") or 0)
         kv_bytes = n_ctx * sum(int(h) * kv_dims for h in per_layer) * 2
+        if self.parallel > 1:  # the streams for items side by side hold up to n_ctx cells more
+            kv_bytes *= 2
         n_vocab = int(meta.get("vocab_size") or 0)
         heads = meta.get("head_count") or 0
         n_head = max(heads) if isinstance(heads, list) else int(heads)
