@@ -126,6 +126,10 @@ class TaskCheckpoint:
         self.resumed = 0
         self.forgotten = store.forget(model_fp, dataset) if fresh else 0
 
+    def has(self, item_id: str, digest: str) -> bool:
+        """Whether the item is checkpointed (not counted as resumed: lookup() does that)."""
+        return self.store.get(self.model_fp, self.dataset, item_id, digest) is not None
+
     def lookup(self, item_id: str, digest: str) -> ItemRecord | None:
         saved = self.store.get(self.model_fp, self.dataset, item_id, digest)
         if saved is None:

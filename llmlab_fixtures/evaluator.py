@@ -167,6 +167,8 @@ def item_prompt(task: TaskDefinition, mode: str, doc: Doc, exemplars: list[Doc],
 class ItemCache(Protocol):
     """Finished items kept across runs (see checkpoint.py); keyed by item id and prompt digest."""
 
+    def has(self, item_id: str, digest: str) -> bool: ...
+
     def lookup(self, item_id: str, digest: str) -> ItemRecord | None: ...
 
     def save(self, record: ItemRecord, digest: str) -> None: ...
@@ -264,7 +266,7 @@ def _score_window(task: TaskDefinition, provider: Provider, mode: str, window: S
     failure stays with the item that caused it. Each item's latency is the call's time shared out evenly.
     """
     pending = [w for w in window if w.prompt is not None and (
-        cache is None or cache.lookup(w.job[2].item_id, w.prompt.digest(task)) is None)]
+        cache is None or not cache.has(w.job[2].item_id, w.prompt.digest(task)))]
     if len(pending) > 1:
         _run_window(provider, pending)
     return [_score_item(task, provider, mode, *w.job, seed=seed, cache=cache,

@@ -57,6 +57,10 @@ def add_options(parser: pytest.Parser) -> None:
                     help="transformers device: auto (CUDA, then Apple MPS, then CPU), cpu, cuda, cuda:N or mps")
     group.addoption("--batch-size", default=None,
                     help="transformers rows per forward pass: a number, or auto (start high, halve on out-of-memory)")
+    group.addoption("--parallel-sequences", default="4",
+                    help="llama.cpp: items scored side by side, each in a KV-cache stream of its own, several per "
+                         "llama_decode call (the same scores as one at a time; default 4; 1 = one at a time, with "
+                         "less KV-cache memory and a checkpoint after every item)")
     group.addoption("--request-timeout", default="120",
                     help="seconds to wait for one HTTP response from Ollama or a cloud API (default 120)")
     group.addoption("--max-retries", default="4",
@@ -112,6 +116,7 @@ class RunConfig:
     dtype: str = "auto"
     device: str = "auto"
     batch_size: int | None = None
+    parallel_sequences: int = 4
     request_timeout: float = 120.0
     max_retries: int = 4
     concurrency: int = 4
@@ -147,6 +152,7 @@ class RunConfig:
             "dtype": self.dtype,
             "device": self.device,
             "batch_size": self.batch_size or "auto",
+            "parallel_sequences": self.parallel_sequences,
             "request_timeout": self.request_timeout,
             "max_retries": self.max_retries,
             "concurrency": self.concurrency,
@@ -321,6 +327,8 @@ def build_run_config(option: Any, output_dir: Path | None = None) -> RunConfig:
         dtype=knobs["dtype"],
         device=knobs["device"],
         batch_size=knobs["batch_size"],
+        parallel_sequences=_int_option("--parallel-sequences", getattr(option, "parallel_sequences", 4),
+                                       minimum=1) or 1,
         request_timeout=_float_option("--request-timeout", option.request_timeout, minimum=0.1),
         max_retries=_int_option("--max-retries", option.max_retries, minimum=0) or 0,
         concurrency=_int_option("--concurrency", option.concurrency, minimum=1) or 1,

@@ -47,6 +47,7 @@ def backend_settings(config: RunConfig, threads: int | None = None) -> BackendSe
     """The BackendSettings a run's configuration gives every model."""
     return BackendSettings(threads=threads, gpu_layers=config.gpu_layers, seed=config.seed,
                            model_dirs=config.model_dirs, device=config.device, batch_size=config.batch_size,
+                           parallel_sequences=config.parallel_sequences,
                            request_timeout=config.request_timeout, max_retries=config.max_retries,
                            concurrency=config.concurrency, max_memory=config.max_memory, n_ctx=config.ctx_size,
                            dtype=config.dtype, quantization=config.quantization,

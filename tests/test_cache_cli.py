@@ -57,7 +57,7 @@ def test_an_unregistered_gguf_in_a_model_dir_is_listed_with_its_header(workdir: 
     (models / "my-own-model.gguf").symlink_to(embedded_gguf(SMOLLM2))
     env = {**_env(workdir), "LLMLAB_MODEL_DIRS": str(models)}
     row = _rows(llmlab(workdir, env, "models").stdout)[f"llama-cpp:{models / 'my-own-model.gguf'}"]
-    assert row.split()[1:8] == ["135M", "Q4_1", "94", "MiB", "8192", "362", "MiB"]
+    assert row.split()[1:8] == ["135M", "Q4_1", "94", "MiB", "8192", "452", "MiB"]
     assert row.endswith("available: model dir (unregistered)")
 
 

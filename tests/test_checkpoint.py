@@ -118,6 +118,7 @@ KILLS = 22
 def _bench_command(bench: Path, data_dir: Path, checkpoint: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "pytest", str(bench), "-k", "arc_easy", "--models=local:smollm2-135m",
             f"--limit={N_ITEMS}", f"--data-dir={data_dir}", f"--checkpoint={checkpoint}", f"--output-dir={out}",
+            "--parallel-sequences=1",  # one item per llama.cpp call, so a checkpoint after every item
             "-p", "no:cacheprovider", "-q", "-p", "no:randomly"]
 
 

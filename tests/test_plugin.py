@@ -100,10 +100,11 @@ def test_xdist_gives_identical_results_and_loads_each_model_once(bench_pytester:
         (["--limit=-3"], "ERROR: --limit must be at least 1, got -3"),
         (["--scoring=vibes"], "ERROR: --scoring must be one of auto, loglik, generate, got 'vibes'"),
         (["--max-memory=lots"], "ERROR: --max-memory must be a size such as 8GB or 512MiB, got 'lots'"),
-        (["--max-memory=64MB"], "ERROR: model llama-cpp:smollm2-135m needs about 524 MiB but --max-memory is 64 MiB; "
+        (["--max-memory=64MB"], "ERROR: model llama-cpp:smollm2-135m needs about 704 MiB but --max-memory is 64 MiB; "
                                 "choose a smaller model or quantization, free memory, or raise --max-memory"),
         (["--device=tpu"], "ERROR: --device must be auto, cpu, cuda, cuda:N or mps, got 'tpu'"),
         (["--batch-size=0"], "ERROR: --batch-size must be a whole number >= 1 or auto, got '0'"),
+        (["--parallel-sequences=0"], "ERROR: --parallel-sequences must be at least 1, got 0"),
         (["--request-timeout=soon"], "ERROR: --request-timeout must be a number of seconds, got 'soon'"),
     ],
 )

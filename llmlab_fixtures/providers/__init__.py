@@ -56,6 +56,7 @@ class BackendSettings:
     model_dirs: tuple[Path, ...] = ()
     device: str = "auto"  # transformers: auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps
     batch_size: int | None = None  # transformers rows per forward pass; None = auto (probe down on OOM)
+    parallel_sequences: int = 4  # llama.cpp: items side by side in KV-cache streams of their own (1 = one at a time)
     request_timeout: float = 60.0  # seconds per HTTP request (Ollama, cloud)
     max_retries: int = 4  # cloud: retries on 429/5xx/timeouts, with exponential backoff
     concurrency: int = 4  # cloud: requests in flight per model

@@ -656,4 +656,5 @@ def make_provider(spec: Any, settings: Any) -> LlamaCppProvider:
         n_threads=settings.threads,
         n_gpu_layers=layers,
         seed=settings.seed,
+        parallel=settings.parallel_sequences,
     )
