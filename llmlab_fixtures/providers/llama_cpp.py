@@ -273,7 +273,7 @@ class LlamaCppProvider(Provider):
         if self.parallel * needed > self.n_ctx:
             return None
         cells = max(needed, min(_STREAM_MIN_CELLS, self.n_ctx // self.parallel))
-        if self._streams is None or self._streams.cells < cells:
+        if self._streams is None or self._streams.cells < cells or self._streams.n_streams != self.parallel:
             if self._streams is not None:
                 self._streams.close()
                 self._streams = None
