@@ -277,10 +277,14 @@ class LlamaCppProvider(Provider):
             if self._streams is not None:
                 self._streams.close()
                 self._streams = None
-            self._streams = LlamaStreams(self._lib, self._model, self._context_params(self.n_ctx),
-                                         n_streams=self.parallel, cells=cells,
-                                         n_vocab=self.n_vocab, min_decode=self._min_decode,
-                                         describe_error=_last_llama_error)
+            try:
+                self._streams = LlamaStreams(self._lib, self._model, self._context_params(self.n_ctx),
+                                             n_streams=self.parallel, cells=cells, n_vocab=self.n_vocab,
+                                             min_decode=self._min_decode, describe_error=_last_llama_error)
+            except LlmlabError as exc:  # e.g. no memory for a second KV cache: one item at a time, same scores
+                self.parallel = 1
+                self.notice = f"{exc}; scoring one item at a time"
+                return None
         return self._streams
 
     def close(self) -> None:
