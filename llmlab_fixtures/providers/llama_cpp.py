@@ -26,7 +26,7 @@ from llmlab_fixtures.providers.base import (
     ModelInfo,
     Provider,
 )
-from llmlab_fixtures.providers.llama_streams import LlamaStreams, StreamJob, plan_chunks, plan_runs
+from llmlab_fixtures.providers.llama_streams import LlamaStreams, StreamJob, decode_jobs, plan_chunks, plan_runs
 from llmlab_fixtures.providers.tokens import common_prefix_length, find_stop, probe_tokens, split_context
 from llmlab_fixtures.resources import load_with_cpu_fallback
 
@@ -385,34 +385,19 @@ class LlamaCppProvider(Provider):
 
         Rows are views into llama.cpp's buffer, valid only during the callback.
         """
-        lib, batch = self._lib, self._batch
         start = len(self._cached)
         if start + len(tokens) > self.n_ctx:
             raise LlmlabError(f"{start + len(tokens)} tokens exceed the {self.n_ctx}-token context of {self.name}")
         wanted = set(outputs)
         for lo, hi in plan_chunks(start, len(tokens), wanted, n_batch=self.n_batch,
                                   n_outputs_max=self.n_outputs_max, min_decode=self._min_decode):
-            out_rows: list[tuple[int, int]] = []
-            for n in range(hi - lo):
-                pos = start + lo + n
-                batch.token[n] = tokens[lo + n]
-                batch.pos[n] = pos
-                batch.n_seq_id[n] = 1
-                batch.seq_id[n][0] = _SEQ
-                batch.logits[n] = pos in wanted
-                if pos in wanted:
-                    out_rows.append((n, pos))
-            batch.n_tokens = hi - lo
-            rc = lib.llama_decode(self._ctx, batch)
-            if rc != 0:
+            job = StreamJob(_SEQ, start + lo, tokens[lo:hi], wanted, on_logits)
+            try:
+                decode_jobs(self._lib, self._ctx, self._batch, [job], self.n_vocab,
+                            lambda: f" for {self.name}{_last_llama_error()}")
+            except LlmlabError:
                 self.reset_cache()
-                raise LlmlabError(f"llama_decode failed with code {rc} for {self.name}{_last_llama_error()}")
-            for row_index, pos in out_rows:
-                ptr = lib.llama_get_logits_ith(self._ctx, row_index)
-                if not ptr:
-                    self.reset_cache()
-                    raise LlmlabError(f"llama.cpp returned no logits for position {pos}{_last_llama_error()}")
-                on_logits(pos, np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)))
+                raise
             self._cached.extend(tokens[lo:hi])
 
     # --- scoring -----------------------------------------------------------------------------

@@ -162,36 +162,45 @@ class LlamaStreams:
             self._call([StreamJob(job.stream, job.keep + lo, job.tokens[lo:hi], job.outputs, job.read)])
 
     def _call(self, jobs: Sequence[StreamJob]) -> None:
-        lib, batch = self._lib, self._batch
-        out_rows: list[tuple[int, int, StreamJob]] = []
-        n = 0
         for job in jobs:
             cached = self.cached[job.stream]
             if job.keep + len(job.tokens) > self.cells:
                 raise LlmlabError(f"{job.keep + len(job.tokens)} tokens exceed a stream's {self.cells} cells")
             if len(cached) > job.keep:
-                if not lib.llama_memory_seq_rm(self._mem, job.stream, job.keep, -1):
+                if not self._lib.llama_memory_seq_rm(self._mem, job.stream, job.keep, -1):
                     self.clear()
                     raise LlmlabError("llama.cpp could not cut a KV-cache stream back")
                 del cached[job.keep :]
-            for i, token in enumerate(job.tokens):
-                pos = job.keep + i
-                batch.token[n], batch.pos[n], batch.n_seq_id[n] = token, pos, 1
-                batch.seq_id[n][0] = job.stream
-                batch.logits[n] = pos in job.outputs
-                if pos in job.outputs:
-                    out_rows.append((n, pos, job))
-                n += 1
-        batch.n_tokens = n
-        rc = lib.llama_decode(self._ctx, batch)
-        if rc != 0:
+        try:
+            decode_jobs(self._lib, self._ctx, self._batch, jobs, self.n_vocab, self._describe_error)
+        except LlmlabError:
             self.clear()
-            raise LlmlabError(f"llama_decode failed with code {rc}{self._describe_error()}")
+            raise
         for job in jobs:
             self.cached[job.stream].extend(job.tokens)
-        for row, pos, job in out_rows:
-            ptr = lib.llama_get_logits_ith(self._ctx, row)
-            if not ptr:
-                self.clear()
-                raise LlmlabError(f"llama.cpp returned no logits for position {pos}{self._describe_error()}")
-            job.read(pos, np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)))
+
+
+def decode_jobs(lib: Any, ctx: Any, batch: Any, jobs: Sequence[StreamJob], n_vocab: int,
+                describe_error: Callable[[], str]) -> None:
+    """One llama_decode call of ``jobs`` (job.stream is the sequence id), then each wanted logits row to its job's
+    ``read``; LlmlabError if llama.cpp fails (the caller resets its cache)."""
+    out_rows: list[tuple[int, int, StreamJob]] = []
+    n = 0
+    for job in jobs:
+        for i, token in enumerate(job.tokens):
+            pos = job.keep + i
+            batch.token[n], batch.pos[n], batch.n_seq_id[n] = token, pos, 1
+            batch.seq_id[n][0] = job.stream
+            batch.logits[n] = pos in job.outputs
+            if pos in job.outputs:
+                out_rows.append((n, pos, job))
+            n += 1
+    batch.n_tokens = n
+    rc = lib.llama_decode(ctx, batch)
+    if rc != 0:
+        raise LlmlabError(f"llama_decode failed with code {rc}{describe_error()}")
+    for row, pos, job in out_rows:
+        ptr = lib.llama_get_logits_ith(ctx, row)
+        if not ptr:
+            raise LlmlabError(f"llama.cpp returned no logits for position {pos}{describe_error()}")
+        job.read(pos, np.ctypeslib.as_array(ptr, shape=(n_vocab,)))
