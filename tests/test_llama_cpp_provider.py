@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from llmlab_fixtures.providers.base import GenerationRequest, LoglikelihoodReque
 
 pytest.importorskip("llama_cpp")
 from llmlab_fixtures.providers.llama_cpp import LlamaCppProvider
+from llmlab_fixtures.providers.tokens import common_prefix_length
 from llmlab_fixtures.testing.no_repack import load_llama
 
 LOGPROB_TOL = 1e-4  # batch_invariant decoding makes shared-prefix and from-scratch scores (nearly) bit-identical
@@ -97,8 +99,9 @@ def test_shared_context_matches_scratch_on_arc(smollm: LlamaCppProvider, smollm_
         scratch_evaluated += sum(r.evaluated_tokens for r in scratch)
         # from scratch every request evaluates context + continuation minus the final token
         assert all(r.evaluated_tokens == r.context_tokens + r.continuation_tokens - 1 for r in scratch)
-        # with reuse, all but the first-scored choice only re-run their continuation (>= 8 tokens per decode)
-        assert sum(r.evaluated_tokens == max(r.continuation_tokens, 8) for r in shared) >= len(shared) - 1
+        # with reuse, all but the first-scored choice only run their continuation after the context's last token
+        # (whose row the first read for all), lengthened to 8 tokens per decode
+        assert sum(r.evaluated_tokens <= max(r.continuation_tokens - 1, 8) for r in shared) >= len(shared) - 1
     print(f"max |shared - scratch| logprob on ARC: {max(diffs):.2e}")
     assert shared_evaluated < scratch_evaluated / 2
 
@@ -174,6 +177,41 @@ def test_parallel_streams_score_bit_for_bit_like_one_sequence(smollm_path: Path,
             if prefix:  # copied to the other streams: decoding it on each of the four would add 3 x its tokens
                 extra = sum(r.evaluated_tokens for r in parallel) - sum(r.evaluated_tokens for r in single)
                 assert extra < len(smollm.tokenize(primer))
+    smollm.reset_cache()
+
+
+SHARED_START_CHOICES = [" No, the sky is blue on a clear day because air scatters blue light.",
+                        " No, the sky is blue because the sea reflects it upward.",
+                        " Yes, the sky is green on every clear day in spring.",
+                        " No, it is not; the sky looks blue during the day."]
+
+
+def test_choices_that_start_alike_are_decoded_once_along_what_they_share(
+        smollm_path: Path, smollm: LlamaCppProvider) -> None:
+    """Choices beginning with the same words (TruthfulQA's "No, ...") decode those words once: each choice after
+    the first runs only what it does not share with the one before, and its scores are bit-identical to scoring
+    it alone, on one sequence and in parallel streams."""
+    questions = ["Q: Is the sky green?\nA:", "Q: Why is the sky green?\nA:"]
+    requests = [LoglikelihoodRequest(q, c) for q in questions for c in SHARED_START_CHOICES]
+    with LlamaCppProvider(smollm_path, "smollm2-135m", n_ctx=2048, parallel=1) as one_sequence:
+        alone = [one_sequence.loglikelihood([r])[0] for r in requests]
+        one_sequence.reset_cache()
+        together = one_sequence.loglikelihood(requests[:4])
+        inputs = sorted((ctx + cont)[:-1] for ctx, cont in (one_sequence.encode_pair(r.context, r.continuation)
+                                                            for r in requests[:4]))
+        question_tokens = len(one_sequence.tokenize(questions[0]))
+    lcps = [common_prefix_length(a, b) for a, b in pairwise(inputs)]
+    assert max(lcps) > question_tokens + 3  # the choices do share words
+    # the first decodes everything; each later one what it does not share with the one before (8 tokens at least)
+    want = len(inputs[0]) + sum(max(len(b) - lcp, 8) for b, lcp in zip(inputs[1:], lcps))
+    assert sum(r.evaluated_tokens for r in together) == want
+    assert [r.logprob for r in together] == [r.logprob for r in alone[:4]]
+    assert [r.is_greedy for r in together] == [r.is_greedy for r in alone[:4]]
+    smollm.reset_cache()
+    streams = smollm.loglikelihood(requests)
+    assert smollm._streams is not None
+    assert [r.logprob for r in streams] == [r.logprob for r in alone]
+    assert [r.is_greedy for r in streams] == [r.is_greedy for r in alone]
     smollm.reset_cache()
 
 

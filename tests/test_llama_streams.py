@@ -21,6 +21,12 @@ def test_a_stream_alone_decodes_at_least_min_tokens_where_its_input_allows() -> 
     assert plan_runs([3], [5], [3], **LIMITS) == [(0, 1, 5)]
 
 
+def test_a_stream_that_needs_nothing_alone_gets_no_call() -> None:
+    # its rows were all read while an earlier choice decoded them
+    assert plan_runs([0], [40], [0], **LIMITS) == [(0, 1, 0)]
+    assert plan_runs([12, 0, 30], [40, 40, 40], [3, 0, 9], **LIMITS) == [(0, 1, 12), (1, 2, 0), (2, 3, 30)]
+
+
 def test_a_shared_call_reaches_min_tokens_in_all() -> None:
     assert plan_runs([1, 1], [40, 40], [1, 1], **LIMITS) == [(0, 2, 4)]
 

@@ -407,19 +407,22 @@ def test_identical_inputs_are_run_once(tf_smollm: TransformersProvider) -> None:
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_continuation_scores_match_log_softmax(dtype: str) -> None:
-    """The in-place normaliser and the vectorised sums give fp64 log_softmax's answer, in fp32 and half precision."""
+    """The normaliser and the vectorised sums give fp64 log_softmax's answer, in fp32 and half precision; greedy
+    means argmax, so of two tied maxima only the first counts."""
     import torch
 
-    logits = (torch.randn(6, 3000, generator=torch.Generator().manual_seed(0)) * 6).to(getattr(torch, dtype))
+    logits = (torch.randn(7, 3000, generator=torch.Generator().manual_seed(0)) * 6).to(getattr(torch, dtype))
+    logits[6, 5] = logits[6, 9] = logits[6].max() + 1  # a tie: argmax picks token 5
     reference = torch.log_softmax(logits.double(), dim=-1)
-    spans = [[0, 1, 2], [3], [4, 5], [5]]
+    spans = [[0, 1, 2], [3], [4, 5], [5], [6], [6]]
     targets = [[int(logits[row].argmax()) for row in (0, 1, 2)], [7], [11, int(logits[5].argmax())],
-               [int(logits[5].argmax())]]
+               [int(logits[5].argmax())], [5], [9]]
     scores = _score_continuations(logits.clone(), spans, targets)
     want = [float(sum(reference[row, token] for row, token in zip(span, tokens)))
             for span, tokens in zip(spans, targets)]
     assert [logprob for logprob, _ in scores] == pytest.approx(want, abs=1e-4)
-    assert [greedy for _, greedy in scores] == [True, int(logits[3].argmax()) == 7, int(logits[4].argmax()) == 11, True]
+    assert [greedy for _, greedy in scores] == [True, int(logits[3].argmax()) == 7, int(logits[4].argmax()) == 11,
+                                                True, True, False]
 
 
 def test_prompt_probe_rows_end_with_the_last_position(tf_smollm: TransformersProvider) -> None:

@@ -95,26 +95,39 @@ class _Pending:
 
 
 class _GroupScore:
-    """Requests that run the same input tokens: the logits rows they read, and their log-probs as rows arrive."""
+    """Requests that run the same input tokens: the logits rows they read, and their log-probs as rows arrive.
 
-    def __init__(self, group: Sequence[_Pending]) -> None:
+    ``totals`` (request index -> [log-prob, greedy]) is shared by the groups of one call, since a row another group
+    decodes first may be read for this group's requests (``share_rows``)."""
+
+    def __init__(self, group: Sequence[_Pending], totals: dict[int, list]) -> None:
         self.group = group
         self.inputs = group[0].inputs
         self.first = min(p.first for p in group)
+        self.totals = totals
         self.readers: dict[int, list[tuple[_Pending, int]]] = {}  # position -> (request, target token)
         for p in group:
+            totals[p.index] = [0.0, True]
             for pos in range(p.first, len(self.inputs)):
                 self.readers.setdefault(pos, []).append((p, p.seq[pos + 1]))
-        self.outputs = set(self.readers)
-        self.logprob = {p.index: 0.0 for p in group}
-        self.greedy = {p.index: True for p in group}
+
+    @property
+    def outputs(self) -> set[int]:
+        """Input positions whose logits rows this group reads."""
+        return set(self.readers)
+
+    @property
+    def lowest(self) -> int:
+        """The first position this group must decode itself: its first row, or its whole input if it reads none."""
+        return min(self.readers, default=len(self.inputs))
 
     def read(self, pos: int, row: np.ndarray) -> None:
         """Take the logits row of input position ``pos``: one normalizer however many requests read it."""
         lse, best = _log_normalizer(row)
         for p, target in self.readers[pos]:
-            self.logprob[p.index] += float(row[target]) - lse
-            self.greedy[p.index] = self.greedy[p.index] and best == target
+            total = self.totals[p.index]
+            total[0] += float(row[target]) - lse
+            total[1] = total[1] and best == target
 
     def job(self, stream: int, n_tokens: int) -> StreamJob:
         """Decode the last ``n_tokens`` inputs on ``stream``, the earlier ones staying cached there."""
@@ -123,9 +136,24 @@ class _GroupScore:
 
     def results(self, evaluated: int) -> list[tuple[_Pending, LoglikelihoodResult]]:
         """Each request's result; the ``evaluated`` tokens count once, on the first request."""
-        return [(p, LoglikelihoodResult(self.logprob[p.index], self.greedy[p.index], p.context_tokens,
-                                        p.continuation_tokens, evaluated if n == 0 else 0))
+        return [(p, LoglikelihoodResult(*self.totals[p.index], p.context_tokens, p.continuation_tokens,
+                                        evaluated if n == 0 else 0))
                 for n, p in enumerate(self.group)]
+
+
+def share_rows(scores: Sequence[_GroupScore]) -> None:
+    """Groups decoded one after another in this order, each after cutting the cache back to what it shares with
+    the one before: a row a group shares with earlier inputs (the context's last token, a first word several choices
+    start with) is read once, by the group that decodes it, so each distinct token prefix is evaluated once."""
+    owner: list[_GroupScore] = []  # the group that last decoded each position of the cached path
+    previous: Sequence[int] = ()
+    for score in scores:
+        shared = common_prefix_length(previous, score.inputs)
+        for pos in [pos for pos in score.readers if pos < shared]:
+            owner[pos].readers.setdefault(pos, []).extend(score.readers.pop(pos))
+        del owner[shared:]
+        owner += [score] * (len(score.inputs) - shared)
+        previous = score.inputs
 
 
 class LlamaCppProvider(Provider):
@@ -428,20 +456,26 @@ class LlamaCppProvider(Provider):
         pending.sort(key=lambda p: (p.inputs, p.seq[-1]))
         groups = [list(g) for _, g in groupby(pending, key=lambda p: p.inputs)] if self.reuse_prefix \
             else [[p] for p in pending]
-        contexts = [list(c) for _, c in groupby(groups, key=lambda g: g[0].inputs[: g[0].first])]
+        totals: dict[int, list] = {}
+        contexts = [[_GroupScore(g, totals) for g in c]
+                    for _, c in groupby(groups, key=lambda g: g[0].inputs[: g[0].first])]
+        if self.reuse_prefix:
+            for context in contexts:
+                share_rows(context)
         streams = self._streams_for(max(len(g[0].inputs) for g in groups) + 1) \
             if self.reuse_prefix and self.parallel > 1 and len(contexts) > 1 else None
         scored = self._score_in_streams(streams, contexts) if streams is not None \
-            else [pair for group in groups for pair in self._score_input(group)]
+            else [pair for context in contexts for score in context for pair in self._score_input(score)]
         for p, result in scored:
             results[p.index] = result
         return [r for r in results if r is not None]
 
-    def _score_input(self, group: Sequence[_Pending]) -> list[tuple[_Pending, LoglikelihoodResult]]:
+    def _score_input(self, score: _GroupScore) -> list[tuple[_Pending, LoglikelihoodResult]]:
         """Score requests that run the same input tokens: one decode after the cached prefix, one
         normalizer per logits row however many requests read it."""
-        score = _GroupScore(group)
-        keep = self._keep_prefix(score.inputs, max(0, min(score.first, len(score.inputs) - self._min_decode)))
+        if not score.readers:  # every row it needs was read while an earlier group decoded it
+            return score.results(0)
+        keep = self._keep_prefix(score.inputs, max(0, min(score.lowest, len(score.inputs) - self._min_decode)))
         self._decode(score.inputs[keep:], sorted(score.outputs), score.read)
         return score.results(len(score.inputs) - keep)
 
@@ -453,18 +487,18 @@ class LlamaCppProvider(Provider):
         scored: list[tuple[_Pending, LoglikelihoodResult]] = []
         for wave in range(0, len(contexts), streams.n_streams):
             # the contexts with most groups take the first streams, so the busy streams are always 0..k-1
-            queues = [deque(_GroupScore(g) for g in sorted(c, key=lambda g: len(g[0].inputs)))
-                      for c in sorted(contexts[wave : wave + streams.n_streams], key=len, reverse=True)]
+            queues = [deque(c) for c in sorted(contexts[wave : wave + streams.n_streams], key=len, reverse=True)]
             streams.spread_prefix([q[0].inputs for q in queues], min(q[0].first for q in queues))
             while queues and queues[0]:
                 busy = [q[0] for q in queues if q]
-                needs = [len(score.inputs) - min(common_prefix_length(streams.cached[s], score.inputs), score.first)
+                needs = [len(score.inputs) - min(common_prefix_length(streams.cached[s], score.inputs), score.lowest)
                          for s, score in enumerate(busy)]
                 for first, end, n_tokens in plan_runs(
                         needs, [len(score.inputs) for score in busy], [len(score.outputs) for score in busy],
                         min_tokens=self._min_decode, max_tokens=self.n_batch, max_rows=self.n_outputs_max):
                     run = busy[first:end]
-                    streams.run([score.job(s, n_tokens) for s, score in enumerate(run, first)])
+                    if n_tokens:  # 0: nothing left to decode, its rows were read by earlier groups
+                        streams.run([score.job(s, n_tokens) for s, score in enumerate(run, first)])
                     scored += [pair for score in run for pair in score.results(n_tokens)]
                 for queue in queues[: len(busy)]:
                     queue.popleft()

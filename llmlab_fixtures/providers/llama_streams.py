@@ -71,8 +71,8 @@ def plan_runs(needs: Sequence[int], capacities: Sequence[int], rows: Sequence[in
     Stream i's next job needs ``needs[i]`` new tokens, may decode up to ``capacities[i]`` (its whole input) and
     reads ``rows[i]`` logits rows. A run of several streams decodes the same count T >= every need, with at least
     ``min_tokens`` in all and at most ``max_tokens`` and ``max_rows``; a stream alone decodes its need, lengthened
-    to ``min_tokens`` where its input allows (long jobs are split into calls later). Minimises calls x
-    ``call_cost`` + tokens decoded."""
+    to ``min_tokens`` where its input allows, or nothing if it needs nothing (long jobs are split into calls
+    later). Minimises calls x ``call_cost`` + tokens decoded."""
     k = len(needs)
     best = [0.0] + [float("inf")] * k
     choice = [0] * (k + 1)
@@ -81,12 +81,12 @@ def plan_runs(needs: Sequence[int], capacities: Sequence[int], rows: Sequence[in
         for first in range(end - 1, -1, -1):
             n = end - first
             if n == 1:
-                t = min(max(needs[first], min_tokens), capacities[first])
+                t = min(max(needs[first], min_tokens), capacities[first]) if needs[first] else 0
             else:
                 t = max(max(needs[first:end]), -(-min_tokens // n))
                 if t > min(capacities[first:end]) or n * t > max_tokens or sum(rows[first:end]) > max_rows:
                     continue
-            cost = best[first] + call_cost + n * t
+            cost = best[first] + (call_cost + n * t if t else 0)  # t = 0: nothing to decode, no call
             if cost < best[end]:
                 best[end], choice[end], tokens_each[end] = cost, first, t
     runs: list[tuple[int, int, int]] = []
