@@ -174,9 +174,10 @@ def test_parallel_streams_score_bit_for_bit_like_one_sequence(smollm_path: Path,
             single = one_sequence.loglikelihood(requests)
             assert [r.logprob for r in parallel] == [r.logprob for r in single]
             assert [r.is_greedy for r in parallel] == [r.is_greedy for r in single]
-            if prefix:  # copied to the other streams: decoding it on each of the four would add 3 x its tokens
+            if prefix:  # decoded once, counted once, and copied to the other streams (decoding it on each of the
+                # four would add 3 x its tokens; leaving it uncounted would take 1 x off)
                 extra = sum(r.evaluated_tokens for r in parallel) - sum(r.evaluated_tokens for r in single)
-                assert extra < len(smollm.tokenize(primer))
+                assert -len(smollm.tokenize(primer)) / 2 < extra < len(smollm.tokenize(primer))
     smollm.reset_cache()
 
 

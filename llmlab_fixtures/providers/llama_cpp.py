@@ -430,9 +430,10 @@ class LlamaCppProvider(Provider):
 
     # --- scoring -----------------------------------------------------------------------------
 
-    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    def encode_pair(self, context: str, continuation: str, contexts: dict[str, list[int]] | None = None
+                    ) -> tuple[list[int], list[int]]:
         """Context and continuation token ids, split as lm-evaluation-harness 0.4.x splits them."""
-        return split_context(context, continuation, self.tokenize, self._prefix_token)
+        return split_context(context, continuation, self.tokenize, self._prefix_token, contexts)
 
     def loglikelihood(self, requests: Sequence[LoglikelihoodRequest]) -> list[LoglikelihoodResult]:
         """Sum of continuation log-probs per request; shared token prefixes are evaluated once.
@@ -445,8 +446,9 @@ class LlamaCppProvider(Provider):
         self._require()
         results: list[LoglikelihoodResult | None] = [None] * len(requests)
         pending: list[_Pending] = []
+        tokenized: dict[str, list[int]] = {}  # each context once, however many choices share it
         for index, request in enumerate(requests):
-            ctx, cont = self.encode_pair(request.context, request.continuation)
+            ctx, cont = self.encode_pair(request.context, request.continuation, tokenized)
             seq = (ctx + cont)[-(self.n_ctx + 1) :]  # left-truncate like lm-eval
             n_cont = min(len(cont), len(seq) - 1)
             if n_cont == 0:
@@ -488,7 +490,8 @@ class LlamaCppProvider(Provider):
         for wave in range(0, len(contexts), streams.n_streams):
             # the contexts with most groups take the first streams, so the busy streams are always 0..k-1
             queues = [deque(c) for c in sorted(contexts[wave : wave + streams.n_streams], key=len, reverse=True)]
-            streams.spread_prefix([q[0].inputs for q in queues], min(q[0].first for q in queues))
+            prefix_tokens = streams.spread_prefix([q[0].inputs for q in queues], min(q[0].first for q in queues))
+            wave_start = len(scored)
             while queues and queues[0]:
                 busy = [q[0] for q in queues if q]
                 needs = [len(score.inputs) - min(common_prefix_length(streams.cached[s], score.inputs), score.lowest)
@@ -502,6 +505,7 @@ class LlamaCppProvider(Provider):
                     scored += [pair for score in run for pair in score.results(n_tokens)]
                 for queue in queues[: len(busy)]:
                     queue.popleft()
+            scored[wave_start][1].evaluated_tokens += prefix_tokens  # the shared prefix counts once, on the first
         return scored
 
     # --- generation --------------------------------------------------------------------------

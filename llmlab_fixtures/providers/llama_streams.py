@@ -132,23 +132,27 @@ class LlamaStreams:
             self._lib.llama_free(self._ctx)
             self._ctx = self._batch = self._mem = None
 
-    def spread_prefix(self, inputs: Sequence[Sequence[int]], limit: int) -> None:
+    def spread_prefix(self, inputs: Sequence[Sequence[int]], limit: int) -> int:
         """Before streams 0..k-1 take ``inputs``: decode the prefix they all share (up to ``limit`` tokens, e.g. a
-        few-shot block) once, on the stream holding most of it, and copy it to the streams that lack it."""
+        few-shot block) once, on the stream holding most of it, and copy it to the streams that lack it. Returns
+        the tokens decoded."""
         shared = min(limit, *(common_prefix_length(inputs[0], tokens) for tokens in inputs))
         held = [common_prefix_length(self.cached[s], tokens) for s, tokens in enumerate(inputs)]
         lacking = [s for s, have in enumerate(held) if shared - have >= COPY_MIN_TOKENS]
         if len(lacking) < 2:
-            return
+            return 0
         source = max(range(len(inputs)), key=held.__getitem__)
+        decoded = 0
         if held[source] < shared:
             keep = max(0, min(held[source], shared - self.min_decode))
             self.run([StreamJob(source, keep, inputs[source][keep:shared], set(), lambda _pos, _row: None)])
+            decoded = shared - keep
         for s in lacking:
             if s != source:
                 self._lib.llama_memory_seq_cp(self._mem, source, s, -1, -1)  # the whole stream's buffer
                 self._lib.llama_memory_seq_rm(self._mem, s, shared, -1)
                 self.cached[s] = self.cached[source][:shared]
+        return decoded
 
     def run(self, jobs: Sequence[StreamJob]) -> None:
         """Decode ``jobs``: several jobs (neighbouring streams, the same token count each) in one call; a single

@@ -8,10 +8,11 @@ Tokenize = Callable[..., list[int]]  # tokenize(text, add_bos=None | bool) -> id
 
 
 def split_context(context: str, continuation: str, tokenize: Tokenize, prefix_token: int,
-                  ) -> tuple[list[int], list[int]]:
+                  contexts: dict[str, list[int]] | None = None) -> tuple[list[int], list[int]]:
     """lm-evaluation-harness 0.4.x: trailing context whitespace moves onto the continuation; the continuation's
     tokens are those of ``context + continuation`` after the context's own tokens; an empty context scores the
-    continuation after ``prefix_token`` (BOS, else EOS)."""
+    continuation after ``prefix_token`` (BOS, else EOS). ``contexts`` keeps contexts already tokenized (an item's
+    choices share one)."""
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         continuation = context[-n_spaces:] + continuation
@@ -19,7 +20,11 @@ def split_context(context: str, continuation: str, tokenize: Tokenize, prefix_to
     if not context:
         return [prefix_token], tokenize(continuation, add_bos=False)
     whole = tokenize(context + continuation)
-    ctx = tokenize(context)
+    ctx = contexts.get(context) if contexts is not None else None
+    if ctx is None:
+        ctx = tokenize(context)
+        if contexts is not None:
+            contexts[context] = ctx
     return ctx, whole[len(ctx):]
 
 
