@@ -497,7 +497,7 @@ class LlamaCppProvider(Provider):
                 needs = [len(score.inputs) - min(common_prefix_length(streams.cached[s], score.inputs), score.lowest)
                          for s, score in enumerate(busy)]
                 for first, end, n_tokens in plan_runs(
-                        needs, [len(score.inputs) for score in busy], [len(score.outputs) for score in busy],
+                        needs, [len(score.inputs) for score in busy], [len(score.readers) for score in busy],
                         min_tokens=self._min_decode, max_tokens=self.n_batch, max_rows=self.n_outputs_max):
                     run = busy[first:end]
                     if n_tokens:  # 0: nothing left to decode, its rows were read by earlier groups

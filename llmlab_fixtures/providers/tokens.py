@@ -20,11 +20,11 @@ def split_context(context: str, continuation: str, tokenize: Tokenize, prefix_to
     if not context:
         return [prefix_token], tokenize(continuation, add_bos=False)
     whole = tokenize(context + continuation)
-    ctx = contexts.get(context) if contexts is not None else None
+    if contexts is None:
+        contexts = {}
+    ctx = contexts.get(context)
     if ctx is None:
-        ctx = tokenize(context)
-        if contexts is not None:
-            contexts[context] = ctx
+        ctx = contexts[context] = tokenize(context)
     return ctx, whole[len(ctx):]
 
 
