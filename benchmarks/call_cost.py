@@ -1,0 +1,143 @@
+"""What one llama_decode call costs on top of its tokens, and how much of a task's time goes to that fixed cost.
+
+On a CPU a call reads every weight once however few tokens it carries, so its time is about ``a + b x tokens``.
+This script fits ``a`` (ms per call) and ``b`` (ms per token) from calls of 1 to 64 tokens after a cached context,
+shows that several KV-cache streams in one call cost what one stream with all their tokens costs (so streams save
+whole calls), and then runs a task, counting its calls and tokens, to split its decode time into the calls' fixed
+part and the tokens' part. ``plan_runs`` weighs a call as ``CALL_COST_TOKENS`` tokens; the fit gives ``a / b``.
+
+    python benchmarks/call_cost.py --task truthfulqa_mc2 --items 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_common import default_data_dir, smollm2_provider
+
+from llmlab_fixtures.datasets import load_docs
+from llmlab_fixtures.evaluator import evaluate
+from llmlab_fixtures.providers.llama_cpp import LlamaCppProvider
+from llmlab_fixtures.providers.llama_streams import CALL_COST_TOKENS, StreamJob
+from llmlab_fixtures.providers.tokens import probe_tokens
+from llmlab_fixtures.tasks import get_task
+
+
+def one_sequence_ms(provider: LlamaCppProvider, context: list[int], n: int, rounds: int) -> float:
+    """Median ms to decode ``n`` new tokens (one logits row) after ``context``, which stays cached."""
+    times = []
+    for _ in range(rounds):
+        provider._keep_prefix(context, len(context))
+        tokens = probe_tokens(n, provider.n_vocab, seed=n)
+        started = time.perf_counter()
+        provider._decode(tokens, [len(context) + n - 1], lambda _pos, _row: None)
+        times.append(time.perf_counter() - started)
+    return 1000 * statistics.median(times)
+
+
+def streams_ms(provider: LlamaCppProvider, context: list[int], k: int, n: int, rounds: int) -> float:
+    """Median ms of one call in which ``k`` streams each decode ``n`` tokens (one row each) after ``context``."""
+    streams = provider._streams_for(len(context) + n + 1)
+    assert streams is not None and k <= streams.n_streams
+    times = []
+    for _ in range(rounds):
+        jobs = [StreamJob(s, len(context), probe_tokens(n, provider.n_vocab, seed=s), {len(context) + n - 1},
+                          lambda _pos, _row: None) for s in range(k)]
+        started = time.perf_counter()
+        streams.run(jobs)
+        times.append(time.perf_counter() - started)
+    return 1000 * statistics.median(times)
+
+
+def fit_line(points: list[tuple[int, float]]) -> tuple[float, float]:
+    """Least-squares intercept and slope of ms against tokens."""
+    xs, ys = [x for x, _ in points], [y for _, y in points]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    slope = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x in xs)
+    return my - slope * mx, slope
+
+
+class DecodeCounter:
+    """Counts llama_decode calls and their tokens (wraps the function on the llama-cpp-python module)."""
+
+    def __init__(self, lib: Any) -> None:
+        self.lib, self.decode = lib, lib.llama_decode
+        self.calls = self.tokens = 0
+        self.seconds = 0.0
+        lib.llama_decode = self
+
+    def __call__(self, ctx: Any, batch: Any) -> int:
+        self.calls += 1
+        self.tokens += batch.n_tokens
+        started = time.perf_counter()
+        rc = self.decode(ctx, batch)
+        self.seconds += time.perf_counter() - started
+        return rc
+
+    def detach(self) -> None:
+        self.lib.llama_decode = self.decode
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", default="truthfulqa_mc2")
+    parser.add_argument("--items", type=int, default=30)
+    parser.add_argument("--context", type=int, default=200, help="cached tokens before each timed call")
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--data-dir", type=Path, default=default_data_dir())
+    args = parser.parse_args()
+    provider = smollm2_provider("llama-cpp", args.threads)
+    assert isinstance(provider, LlamaCppProvider)
+    provider.initialize()
+    provider.time_prompt(512)  # warm-up
+    context = probe_tokens(args.context, provider.n_vocab, seed=args.context)
+    print(f"SmolLM2-135M-Instruct (Q4_1 GGUF) on llama.cpp, {args.threads} threads, {args.context} tokens cached")
+
+    points = [(n, one_sequence_ms(provider, context, n, args.rounds)) for n in (1, 2, 4, 8, 16, 32, 64)]
+    print("one sequence:  " + "  ".join(f"{n} tok {ms:.1f} ms" for n, ms in points))
+    per_call, per_token = fit_line(points)
+    print(f"fit: {per_call:.1f} ms per call + {per_token:.2f} ms per token; a call costs "
+          f"{per_call / per_token:.1f} tokens (plan_runs assumes {CALL_COST_TOKENS})")
+
+    provider.reset_cache()
+    streams = provider._streams_for(args.context + 65)
+    assert streams is not None, "no room for KV-cache streams"
+    for s in range(streams.n_streams):
+        streams.run([StreamJob(s, 0, context, set(), lambda _pos, _row: None)])
+    for n in (8, 16):
+        k = streams.n_streams
+        together = streams_ms(provider, context, k, n, args.rounds)
+        alone = streams_ms(provider, context, 1, n, args.rounds)
+        provider._keep_prefix(context, 0)
+        provider._decode(context, [], lambda _pos, _row: None)
+        whole = one_sequence_ms(provider, context, k * n, args.rounds)
+        print(f"{k} streams x {n} tokens in one call: {together:.1f} ms; one stream of {k * n} tokens: {whole:.1f} ms;"
+              f" {k} calls of {n} tokens: {k * alone:.1f} ms")
+
+    task = get_task(args.task)
+    docs = load_docs(task, args.data_dir)[: args.items]
+    provider.reset_cache()
+    counter = DecodeCounter(provider._lib)
+    started = time.perf_counter()
+    evaluate(task, provider, docs, model_name=provider.backend, fewshot_docs=None, scoring="loglik", num_fewshot=0)
+    elapsed = time.perf_counter() - started
+    counter.detach()
+    fixed = counter.calls * per_call / 1000
+    print(f"{args.task}, {len(docs)} items: {len(docs) / elapsed:.2f} items/s; {counter.calls / len(docs):.2f} calls "
+          f"and {counter.tokens / len(docs):.1f} tokens per item ({counter.tokens / counter.calls:.1f} per call); "
+          f"llama_decode {100 * counter.seconds / elapsed:.0f}% of the run; the calls' fixed cost "
+          f"{fixed:.2f} s = {100 * fixed / elapsed:.0f}% of the run")
+    provider.close()
+
+
+if __name__ == "__main__":
+    main()
