@@ -32,7 +32,7 @@ from llmlab_fixtures.tasks import get_task
 
 
 def one_sequence_ms(provider: LlamaCppProvider, context: list[int], n: int, rounds: int) -> float:
-    """Median ms to decode ``n`` new tokens (one logits row) after ``context``, which stays cached."""
+    """Median ms to decode ``n`` new tokens (one logits row) after ``context``, which the main cache holds."""
     times = []
     for _ in range(rounds):
         provider._keep_prefix(context, len(context))
@@ -102,13 +102,14 @@ def main() -> None:
     context = probe_tokens(args.context, provider.n_vocab, seed=args.context)
     print(f"SmolLM2-135M-Instruct (Q4_1 GGUF) on llama.cpp, {args.threads} threads, {args.context} tokens cached")
 
+    provider.reset_cache()
+    provider._decode(context, [], lambda _pos, _row: None)
     points = [(n, one_sequence_ms(provider, context, n, args.rounds)) for n in (1, 2, 4, 8, 16, 32, 64)]
     print("one sequence:  " + "  ".join(f"{n} tok {ms:.1f} ms" for n, ms in points))
     per_call, per_token = fit_line(points)
     print(f"fit: {per_call:.1f} ms per call + {per_token:.2f} ms per token; a call costs "
           f"{per_call / per_token:.1f} tokens (plan_runs assumes {CALL_COST_TOKENS})")
 
-    provider.reset_cache()
     streams = provider._streams_for(args.context + 65)
     assert streams is not None, "no room for KV-cache streams"
     for s in range(streams.n_streams):
@@ -117,8 +118,6 @@ def main() -> None:
         k = streams.n_streams
         together = streams_ms(provider, context, k, n, args.rounds)
         alone = streams_ms(provider, context, 1, n, args.rounds)
-        provider._keep_prefix(context, 0)
-        provider._decode(context, [], lambda _pos, _row: None)
         whole = one_sequence_ms(provider, context, k * n, args.rounds)
         print(f"{k} streams x {n} tokens in one call: {together:.1f} ms; one stream of {k * n} tokens: {whole:.1f} ms;"
               f" {k} calls of {n} tokens: {k * alone:.1f} ms")
