@@ -26,7 +26,7 @@ from bench_common import default_data_dir, smollm2_provider
 from llmlab_fixtures.datasets import load_docs
 from llmlab_fixtures.evaluator import evaluate
 from llmlab_fixtures.providers.llama_cpp import LlamaCppProvider
-from llmlab_fixtures.providers.llama_streams import CALL_COST_TOKENS, StreamJob
+from llmlab_fixtures.providers.llama_streams import CALL_COST_TOKENS, LlamaStreams, StreamJob, skip_row
 from llmlab_fixtures.providers.tokens import probe_tokens
 from llmlab_fixtures.tasks import get_task
 
@@ -38,31 +38,22 @@ def one_sequence_ms(provider: LlamaCppProvider, context: list[int], n: int, roun
         provider._keep_prefix(context, len(context))
         tokens = probe_tokens(n, provider.n_vocab, seed=n)
         started = time.perf_counter()
-        provider._decode(tokens, [len(context) + n - 1], lambda _pos, _row: None)
+        provider._decode(tokens, [len(context) + n - 1], skip_row)
         times.append(time.perf_counter() - started)
     return 1000 * statistics.median(times)
 
 
-def streams_ms(provider: LlamaCppProvider, context: list[int], k: int, n: int, rounds: int) -> float:
-    """Median ms of one call in which ``k`` streams each decode ``n`` tokens (one row each) after ``context``."""
-    streams = provider._streams_for(len(context) + n + 1)
-    assert streams is not None and k <= streams.n_streams
+def streams_ms(streams: LlamaStreams, context: list[int], k: int, n: int, rounds: int) -> float:
+    """Median ms of one call in which ``k`` streams each decode ``n`` tokens (one row each) after ``context``,
+    which every stream holds."""
     times = []
     for _ in range(rounds):
-        jobs = [StreamJob(s, len(context), probe_tokens(n, provider.n_vocab, seed=s), {len(context) + n - 1},
-                          lambda _pos, _row: None) for s in range(k)]
+        jobs = [StreamJob(s, len(context), probe_tokens(n, streams.n_vocab, seed=s), {len(context) + n - 1},
+                          skip_row) for s in range(k)]
         started = time.perf_counter()
         streams.run(jobs)
         times.append(time.perf_counter() - started)
     return 1000 * statistics.median(times)
-
-
-def fit_line(points: list[tuple[int, float]]) -> tuple[float, float]:
-    """Least-squares intercept and slope of ms against tokens."""
-    xs, ys = [x for x, _ in points], [y for _, y in points]
-    mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    slope = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x in xs)
-    return my - slope * mx, slope
 
 
 class DecodeCounter:
@@ -103,21 +94,21 @@ def main() -> None:
     print(f"SmolLM2-135M-Instruct (Q4_1 GGUF) on llama.cpp, {args.threads} threads, {args.context} tokens cached")
 
     provider.reset_cache()
-    provider._decode(context, [], lambda _pos, _row: None)
+    provider._decode(context, [], skip_row)
     points = [(n, one_sequence_ms(provider, context, n, args.rounds)) for n in (1, 2, 4, 8, 16, 32, 64)]
     print("one sequence:  " + "  ".join(f"{n} tok {ms:.1f} ms" for n, ms in points))
-    per_call, per_token = fit_line(points)
+    per_token, per_call = statistics.linear_regression([n for n, _ in points], [ms for _, ms in points])
     print(f"fit: {per_call:.1f} ms per call + {per_token:.2f} ms per token; a call costs "
           f"{per_call / per_token:.1f} tokens (plan_runs assumes {CALL_COST_TOKENS})")
 
-    streams = provider._streams_for(args.context + 65)
+    streams = provider._streams_for(args.context + 17)  # the context and the longest stream job (16 tokens)
     assert streams is not None, "no room for KV-cache streams"
     for s in range(streams.n_streams):
-        streams.run([StreamJob(s, 0, context, set(), lambda _pos, _row: None)])
+        streams.run([StreamJob(s, 0, context, set(), skip_row)])
+    k = streams.n_streams
     for n in (8, 16):
-        k = streams.n_streams
-        together = streams_ms(provider, context, k, n, args.rounds)
-        alone = streams_ms(provider, context, 1, n, args.rounds)
+        together = streams_ms(streams, context, k, n, args.rounds)
+        alone = streams_ms(streams, context, 1, n, args.rounds)
         whole = one_sequence_ms(provider, context, k * n, args.rounds)
         print(f"{k} streams x {n} tokens in one call: {together:.1f} ms; one stream of {k * n} tokens: {whole:.1f} ms;"
               f" {k} calls of {n} tokens: {k * alone:.1f} ms")

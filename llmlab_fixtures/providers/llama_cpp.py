@@ -26,7 +26,14 @@ from llmlab_fixtures.providers.base import (
     ModelInfo,
     Provider,
 )
-from llmlab_fixtures.providers.llama_streams import LlamaStreams, StreamJob, decode_jobs, plan_chunks, plan_runs
+from llmlab_fixtures.providers.llama_streams import (
+    LlamaStreams,
+    StreamJob,
+    decode_jobs,
+    plan_chunks,
+    plan_runs,
+    skip_row,
+)
 from llmlab_fixtures.providers.tokens import common_prefix_length, find_stop, probe_tokens, split_context
 from llmlab_fixtures.resources import load_with_cpu_fallback
 
@@ -569,7 +576,7 @@ class LlamaCppProvider(Provider):
         self.reset_cache()
         tokens = probe_tokens(n_tokens, self.n_vocab, logits_rows)
         started = time.perf_counter()
-        self._decode(tokens, range(n_tokens - logits_rows, n_tokens), lambda _pos, _row: None)
+        self._decode(tokens, range(n_tokens - logits_rows, n_tokens), skip_row)
         elapsed = time.perf_counter() - started
         self.reset_cache()
         return elapsed

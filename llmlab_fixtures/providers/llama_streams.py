@@ -27,6 +27,10 @@ CALL_COST_TOKENS = 4  # one llama_decode call takes about as long as decoding fo
 COPY_MIN_TOKENS = 16  # a shared prefix this long is decoded once and copied to the other streams
 
 
+def skip_row(_pos: int, _row: np.ndarray) -> None:
+    """A job's ``read`` when it wants no logits rows (a prefix decoded only into the cache, a speed probe)."""
+
+
 @dataclass
 class StreamJob:
     """Cut ``stream`` back to its first ``keep`` tokens, decode ``tokens`` after them, and call ``read(position,
@@ -145,7 +149,7 @@ class LlamaStreams:
         decoded = 0
         if held[source] < shared:
             keep = max(0, min(held[source], shared - self.min_decode))
-            self.run([StreamJob(source, keep, inputs[source][keep:shared], set(), lambda _pos, _row: None)])
+            self.run([StreamJob(source, keep, inputs[source][keep:shared], set(), skip_row)])
             decoded = shared - keep
         for s in lacking:
             if s != source:
