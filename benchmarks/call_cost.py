@@ -3,8 +3,10 @@
 On a CPU a call reads every weight once however few tokens it carries, so its time is about ``a + b x tokens``.
 This script fits ``a`` (ms per call) and ``b`` (ms per token) from calls of 1 to 64 tokens after a cached context,
 shows that several KV-cache streams in one call cost what one stream with all their tokens costs (so streams save
-whole calls), and then runs a task, counting its calls and tokens, to split its decode time into the calls' fixed
-part and the tokens' part. ``plan_runs`` weighs a call as ``CALL_COST_TOKENS`` tokens; the fit gives ``a / b``.
+whole calls), and then runs a task, recording its calls, to split its decode time into the calls' fixed part and
+the tokens' part, both at that fit and at a fit over the run's own calls (ms per call, per stream in a call, per
+token, per logits row: a stream reads its own KV cache, and between a run's calls other work evicts the weights
+from the CPU's caches). ``plan_runs`` weighs a call as ``CALL_COST_TOKENS`` tokens.
 
     python benchmarks/call_cost.py --task truthfulqa_mc2 --items 30
 """
@@ -18,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -57,24 +61,32 @@ def streams_ms(streams: LlamaStreams, context: list[int], k: int, n: int, rounds
 
 
 class DecodeCounter:
-    """Counts llama_decode calls and their tokens (wraps the function on the llama-cpp-python module)."""
+    """Records each llama_decode call: its tokens, streams (sequence ids), logits rows and seconds (wraps the
+    function on the llama-cpp-python module)."""
 
     def __init__(self, lib: Any) -> None:
         self.lib, self.decode = lib, lib.llama_decode
-        self.calls = self.tokens = 0
-        self.seconds = 0.0
+        self.records: list[tuple[int, int, int, float]] = []
         lib.llama_decode = self
 
     def __call__(self, ctx: Any, batch: Any) -> int:
-        self.calls += 1
-        self.tokens += batch.n_tokens
+        n = batch.n_tokens
+        streams = len({batch.seq_id[i][0] for i in range(n)})
+        rows = sum(1 for i in range(n) if batch.logits[i])
         started = time.perf_counter()
         rc = self.decode(ctx, batch)
-        self.seconds += time.perf_counter() - started
+        self.records.append((n, streams, rows, time.perf_counter() - started))
         return rc
 
     def detach(self) -> None:
         self.lib.llama_decode = self.decode
+
+    def fit(self) -> tuple[float, float, float, float]:
+        """Least-squares ms per call, per stream in a call, per token and per logits row over the recorded calls."""
+        data = np.array(self.records)
+        design = np.column_stack([np.ones(len(data)), data[:, 1], data[:, 0], data[:, 2]])
+        coef, *_ = np.linalg.lstsq(design, 1000 * data[:, 3], rcond=None)
+        return float(coef[0]), float(coef[1]), float(coef[2]), float(coef[3])
 
 
 def main() -> None:
@@ -121,11 +133,18 @@ def main() -> None:
     evaluate(task, provider, docs, model_name=provider.backend, fewshot_docs=None, scoring="loglik", num_fewshot=0)
     elapsed = time.perf_counter() - started
     counter.detach()
-    fixed = counter.calls * per_call / 1000
-    print(f"{args.task}, {len(docs)} items: {len(docs) / elapsed:.2f} items/s; {counter.calls / len(docs):.2f} calls "
-          f"and {counter.tokens / len(docs):.1f} tokens per item ({counter.tokens / counter.calls:.1f} per call); "
-          f"llama_decode {100 * counter.seconds / elapsed:.0f}% of the run; the calls' fixed cost "
-          f"{fixed:.2f} s = {100 * fixed / elapsed:.0f}% of the run")
+    tokens, streams, rows, seconds = (sum(column) for column in zip(*counter.records, strict=True))
+    calls, n = len(counter.records), len(docs)
+    print(f"{args.task}, {n} items: {n / elapsed:.2f} items/s; per item {calls / n:.2f} calls, {streams / n:.1f} "
+          f"streams in them, {tokens / n:.1f} tokens ({tokens / calls:.1f} per call), {rows / n:.1f} logits rows; "
+          f"llama_decode {100 * seconds / elapsed:.0f}% of the run")
+    fixed = calls * per_call / 1000
+    print(f"  at the fit above, the calls' fixed cost is {fixed:.2f} s = {100 * fixed / elapsed:.0f}% of the run")
+    call_ms, stream_ms, token_ms, row_ms = counter.fit()
+    fixed = (calls * call_ms + streams * stream_ms) / 1000
+    print(f"  fitted on the run's own calls: {call_ms:.1f} ms a call + {stream_ms:.2f} ms a stream in it + "
+          f"{token_ms:.2f} ms a token + {row_ms:.2f} ms a logits row; calls and streams {fixed:.2f} s = "
+          f"{100 * fixed / elapsed:.0f}% of the run")
     provider.close()
 
 

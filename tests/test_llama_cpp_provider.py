@@ -181,6 +181,19 @@ def test_parallel_streams_score_bit_for_bit_like_one_sequence(smollm_path: Path,
     smollm.reset_cache()
 
 
+def test_eight_streams_that_each_need_one_token_score_like_one_sequence(smollm_path: Path) -> None:
+    """Eight items whose second choice needs one new token each: the eight streams share a call, and each decodes at
+    least two tokens (with one, llama.cpp's attention takes another kernel and the scores move)."""
+    questions = [f"Q: {word} is a colour or a fruit?\nA:" for word in
+                 ("Blue", "Red", "Apple", "Green", "Pear", "Plum", "Grey", "Lime")]
+    requests = [LoglikelihoodRequest(q, c) for q in questions for c in (" It is a colour", " It is a fruit tree")]
+    with LlamaCppProvider(smollm_path, "smollm2-135m", n_ctx=4096, parallel=8) as streams, \
+            LlamaCppProvider(smollm_path, "smollm2-135m", n_ctx=2048, parallel=1) as one_sequence:
+        side_by_side = streams.loglikelihood(requests)
+        assert streams._streams is not None and streams._streams.n_streams == 8
+        assert [r.logprob for r in side_by_side] == [r.logprob for r in one_sequence.loglikelihood(requests)]
+
+
 SHARED_START_CHOICES = [" No, the sky is blue on a clear day because air scatters blue light.",
                         " No, the sky is blue because the sea reflects it upward.",
                         " Yes, the sky is green on every clear day in spring.",

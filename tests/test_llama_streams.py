@@ -27,8 +27,10 @@ def test_a_stream_that_needs_nothing_alone_gets_no_call() -> None:
     assert plan_runs([12, 0, 30], [40, 40, 40], [3, 0, 9], **LIMITS) == [(0, 1, 12), (1, 2, 0), (2, 3, 30)]
 
 
-def test_a_shared_call_reaches_min_tokens_in_all() -> None:
+def test_a_shared_call_reaches_min_tokens_in_all_and_two_each() -> None:
     assert plan_runs([1, 1], [40, 40], [1, 1], **LIMITS) == [(0, 2, 4)]
+    # eight streams make eight tokens with one each, but a stream needs two for the same kernels as alone
+    assert plan_runs([1] * 8, [40] * 8, [1] * 8, **LIMITS) == [(0, 8, 2)]
 
 
 def test_streams_that_cannot_pad_or_exceed_the_limits_do_not_share() -> None:

@@ -9,7 +9,9 @@ cache, and its attention reads only that stream: scores equal one-at-a-time deco
 
 llama.cpp puts several streams in one call only when each decodes the same number of tokens, so a stream whose job is
 shorter re-decodes some of its cached tokens (the same K/V and logits again). ``plan_runs`` chooses which neighbouring
-streams share a call by weighing those extra tokens against the calls saved.
+streams share a call by weighing those extra tokens against the calls saved. Each stream in a call decodes at least
+two tokens: for a stream with one query row ggml's attention takes ``vec_dot`` instead of the sgemm kernel (tinyBLAS
+declines a single column), which rounds differently.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import numpy as np
 from llmlab_fixtures.errors import LlmlabError
 from llmlab_fixtures.providers.tokens import common_prefix_length
 
-CALL_COST_TOKENS = 4  # one llama_decode call takes about as long as decoding four more tokens (weights read once)
+CALL_COST_TOKENS = 4  # a llama_decode call costs about four tokens' time (weights read once; call_cost.py)
+STREAM_MIN_TOKENS = 2  # a stream decoding 1 token in a call gets other attention kernels (ggml's vec_dot, not sgemm)
 COPY_MIN_TOKENS = 16  # a shared prefix this long is decoded once and copied to the other streams
 
 
@@ -74,9 +77,9 @@ def plan_runs(needs: Sequence[int], capacities: Sequence[int], rows: Sequence[in
 
     Stream i's next job needs ``needs[i]`` new tokens, may decode up to ``capacities[i]`` (its whole input) and
     reads ``rows[i]`` logits rows. A run of several streams decodes the same count T >= every need, with at least
-    ``min_tokens`` in all and at most ``max_tokens`` and ``max_rows``; a stream alone decodes its need, lengthened
-    to ``min_tokens`` where its input allows, or nothing if it needs nothing (long jobs are split into calls
-    later). Minimises calls x ``call_cost`` + tokens decoded."""
+    ``min_tokens`` in all and STREAM_MIN_TOKENS each, and at most ``max_tokens`` and ``max_rows``; a stream alone
+    decodes its need, lengthened to ``min_tokens`` where its input allows, or nothing if it needs nothing (long jobs
+    are split into calls later). Minimises calls x ``call_cost`` + tokens decoded."""
     k = len(needs)
     best = [0.0] + [float("inf")] * k
     choice = [0] * (k + 1)
@@ -87,7 +90,7 @@ def plan_runs(needs: Sequence[int], capacities: Sequence[int], rows: Sequence[in
             if n == 1:
                 t = min(max(needs[first], min_tokens), capacities[first]) if needs[first] else 0
             else:
-                t = max(max(needs[first:end]), -(-min_tokens // n))
+                t = max(max(needs[first:end]), -(-min_tokens // n), STREAM_MIN_TOKENS)
                 if t > min(capacities[first:end]) or n * t > max_tokens or sum(rows[first:end]) > max_rows:
                     continue
             cost = best[first] + (call_cost + n * t if t else 0)  # t = 0: nothing to decode, no call
