@@ -133,18 +133,19 @@ def main() -> None:
     evaluate(task, provider, docs, model_name=provider.backend, fewshot_docs=None, scoring="loglik", num_fewshot=0)
     elapsed = time.perf_counter() - started
     counter.detach()
-    tokens, streams, rows, seconds = (sum(column) for column in zip(*counter.records, strict=True))
+    tokens, stream_jobs, rows, seconds = (sum(column) for column in zip(*counter.records, strict=True))
     calls, n = len(counter.records), len(docs)
-    print(f"{args.task}, {n} items: {n / elapsed:.2f} items/s; per item {calls / n:.2f} calls, {streams / n:.1f} "
+    print(f"{args.task}, {n} items: {n / elapsed:.2f} items/s; per item {calls / n:.2f} calls, {stream_jobs / n:.1f} "
           f"streams in them, {tokens / n:.1f} tokens ({tokens / calls:.1f} per call), {rows / n:.1f} logits rows; "
           f"llama_decode {100 * seconds / elapsed:.0f}% of the run")
-    fixed = calls * per_call / 1000
-    print(f"  at the fit above, the calls' fixed cost is {fixed:.2f} s = {100 * fixed / elapsed:.0f}% of the run")
+    fixed_at_fit = calls * per_call / 1000
+    print(f"  at the fit above, the calls' fixed cost is {fixed_at_fit:.2f} s = "
+          f"{100 * fixed_at_fit / elapsed:.0f}% of the run")
     call_ms, stream_ms, token_ms, row_ms = counter.fit()
-    fixed = (calls * call_ms + streams * stream_ms) / 1000
+    fixed_in_run = (calls * call_ms + stream_jobs * stream_ms) / 1000
     print(f"  fitted on the run's own calls: {call_ms:.1f} ms a call + {stream_ms:.2f} ms a stream in it + "
-          f"{token_ms:.2f} ms a token + {row_ms:.2f} ms a logits row; calls and streams {fixed:.2f} s = "
-          f"{100 * fixed / elapsed:.0f}% of the run")
+          f"{token_ms:.2f} ms a token + {row_ms:.2f} ms a logits row; calls and streams {fixed_in_run:.2f} s = "
+          f"{100 * fixed_in_run / elapsed:.0f}% of the run")
     provider.close()
 
 
