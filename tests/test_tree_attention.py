@@ -34,12 +34,13 @@ def packed(n_items: int, max_nodes: int = 512):
     return pack_tree(sequences, [len(s) // 2 for s in sequences], 0, max_nodes=max_nodes, max_kept=10_000)
 
 
+@pytest.mark.parametrize("prefix_apart", [True, False], ids=["prefix-apart", "prefix-in-every-block"])
 @pytest.mark.parametrize("shared", [0, 37])
-def test_blocked_attention_matches_one_masked_pass(shared: int) -> None:
+def test_blocked_attention_matches_one_masked_pass(shared: int, prefix_apart: bool) -> None:
     tree = packed(16)
     n = len(tree.tokens)
     allowed = tree_mask(tree, shared)
-    blocks = plan_blocks(tree, allowed, shared)
+    blocks = plan_blocks(tree, allowed, shared, prefix_apart=prefix_apart)
     assert blocks is not None and blocks.queries.shape[0] >= 4
     assert sorted(blocks.queries[blocks.query_valid].tolist()) == list(range(n))  # every node is a query once
     gen = torch.Generator().manual_seed(shared)
@@ -70,4 +71,6 @@ def test_blocks_are_planned_only_where_they_save_work() -> None:
     assert plan_blocks(one_item, tree_mask(one_item, 0), 0) is None  # a single block is dense attention again
     tree = packed(16)
     assert plan_blocks(tree, tree_mask(tree, 0), 0) is not None
-    assert plan_blocks(tree, tree_mask(tree, 4000), 4000) is None  # every block would re-read a long prefix
+    long_prefix = tree_mask(tree, 4000)
+    assert plan_blocks(tree, long_prefix, 4000, prefix_apart=False) is None  # every block would re-read it
+    assert plan_blocks(tree, long_prefix, 4000, prefix_apart=True) is not None  # read once, in a pass of its own

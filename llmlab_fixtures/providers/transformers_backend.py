@@ -38,9 +38,11 @@ AUTO_MAX_BATCH = 64  # rows per forward pass where auto batching starts (halved 
 _TOKEN_BUDGET = {"cpu": 1024, "mps": 65_536, "cuda": 262_144}  # auto: rows x padded length per pass (CPU peaks near 1k)
 _NORMALISER_ROWS = 32  # logits rows per logsumexp call (a 6 MB temporary for a 49k vocabulary)
 _LOGITS_BUDGET = 1 << 30  # auto: bytes of fp32 logits per forward pass (rows' continuation tokens x vocab)
-# tokens per packed forward pass (a token tree of many rows): CPU throughput is flat from about 256 tokens, and
-# attention over the packed tokens grows with the square of the count (halved on out-of-memory)
-_PACK_TOKENS = {"cpu": 512, "mps": 4096, "cuda": 4096}
+# tokens per packed forward pass (a token tree of many rows; halved on out-of-memory): on a CPU each pass costs about
+# 60 ms besides its tokens, and with block attention a node's attention does not grow with the tree, so large trees
+# pay off; masked (eager) attention grows with the square of the count and takes at most _PACK_TOKENS_DENSE
+_PACK_TOKENS = {"cpu": 1536, "mps": 4096, "cuda": 4096}
+_PACK_TOKENS_DENSE = 512
 _DEFAULT_CONTEXT = 2048  # when neither the config nor the tokenizer names a context length (lm-eval's default)
 _MEMORY_CONTEXT = 4096  # tokens of KV cache counted by estimate_memory
 # end-of-turn tokens llama.cpp also treats as end of generation when the vocabulary has them as special tokens
@@ -409,7 +411,7 @@ class TransformersProvider(Provider):
 
     backend = "transformers"
     supports_loglikelihood = True
-    loglik_items_per_call = 16  # items per loglikelihood() call: their requests are packed as token trees
+    loglik_items_per_call = 64  # items per loglikelihood() call: their requests are packed as token trees
     generation_items_per_call = 8  # prompts per generate_batch() call: each new token is one batched step
 
     def __init__(
@@ -479,7 +481,6 @@ class TransformersProvider(Provider):
         arch = self.metadata.get("architecture") or self.metadata.get("model_type")
         self.device = resolve_device(self.requested_device)
         if not self.device.startswith("cpu"):
-            self.loglik_items_per_call = 64  # a GPU is launch-bound on one item's few rows: batch many items
             self.generation_items_per_call = 32
         self.dtype = choose_dtype(self.device, arch) if self.requested_dtype in ("auto", None) \
             else getattr(torch, self.requested_dtype)
@@ -580,6 +581,8 @@ class TransformersProvider(Provider):
         if self._attention == "sdpa":
             install_tree_attention()
         self._pack_tokens = _PACK_TOKENS.get(self.device.split(":")[0], _PACK_TOKENS["cpu"])
+        if self._attention != "sdpa":
+            self._pack_tokens = min(self._pack_tokens, _PACK_TOKENS_DENSE)
         self._setup_tokens()  # again: the model's config and generation config add end-of-generation ids
         config = self._model.config
         limit = next((getattr(config, k) for k in ("max_position_embeddings", "n_positions", "n_ctx")
@@ -750,7 +753,8 @@ class TransformersProvider(Provider):
 
         n = len(tree.tokens)
         allowed = tree_mask(tree, shared)
-        blocks = plan_blocks(tree, allowed, shared) if self.tree_blocks and self._attention == "sdpa" else None
+        blocks = plan_blocks(tree, allowed, shared, prefix_apart=self.device.startswith("cpu")) \
+            if self.tree_blocks and self._attention == "sdpa" else None
         if self._attention != "sdpa":  # eager attention adds the mask to its scores
             allowed = torch.zeros(allowed.shape, dtype=self.dtype).masked_fill_(~allowed, torch.finfo(self.dtype).min)
         keep = torch.zeros((1, n), dtype=torch.bool)
