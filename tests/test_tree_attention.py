@@ -54,6 +54,26 @@ def test_blocked_attention_matches_one_masked_pass(shared: int, prefix_apart: bo
     torch.testing.assert_close(got, dense, atol=1e-5, rtol=1e-5)
 
 
+def test_the_prefix_apart_keeps_half_precision_within_its_rounding() -> None:
+    """bf16 queries and keys (a model loaded with --dtype bfloat16): the parts are joined in fp32, so the result is
+    as close to fp32 dense attention as bf16 dense attention is."""
+    tree, shared = packed(16), 37
+    n = len(tree.tokens)
+    allowed = tree_mask(tree, shared)
+    blocks = plan_blocks(tree, allowed, shared, prefix_apart=True)
+    gen = torch.Generator().manual_seed(1)
+    query, key, value = (torch.randn(1, heads, rows, DIM, generator=gen) for heads, rows in
+                         ((HEADS, n), (KV_HEADS, shared + n), (KV_HEADS, shared + n)))
+    exact = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed[None, None], scale=0.125,
+                                           enable_gqa=True).transpose(1, 2)
+    half = [t.bfloat16() for t in (query, key, value)]
+    dense = F.scaled_dot_product_attention(*half, attn_mask=allowed[None, None], scale=0.125,
+                                           enable_gqa=True).transpose(1, 2)
+    got = blocked_attention(*half, blocks, 0.125)
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - exact).abs().max() <= 2 * (dense.float() - exact).abs().max()
+
+
 def test_a_node_attends_to_its_ancestors_only() -> None:
     tree = pack_tree([[1, 2, 3], [1, 2, 4], [5, 6]], [1, 1, 1], 0, max_nodes=99, max_kept=99)
     assert tree_mask(tree, 2).int().tolist() == [

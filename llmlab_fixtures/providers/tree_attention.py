@@ -150,15 +150,15 @@ def _prefix_apart(query: Any, key: Any, value: Any, blocks: TreeBlocks, scaling:
     result[nodes] = out
     if not shared:
         return result[None]
-    tree_lse = query.new_empty((n, heads))
+    tree_lse = lse.new_empty((n, heads))  # fp32 whatever the model's dtype: half-precision weights would be 1% off
     tree_lse[nodes] = lse.reshape(n_blocks, heads, n_queries).transpose(1, 2)[blocks.query_valid]
     prefix_out, prefix_lse = _attention_with_lse(query.reshape(1, kv_heads, groups * n, dim), key[:, :, :shared],
                                                  value[:, :, :shared], None, scaling)
     prefix_out = prefix_out.reshape(heads, n, dim).transpose(0, 1)  # [nodes, heads, dim]
     prefix_lse = prefix_lse.reshape(heads, n).transpose(0, 1)
     total = torch.logaddexp(prefix_lse, tree_lse)
-    joined = prefix_out * torch.exp(prefix_lse - total)[..., None] + result * torch.exp(tree_lse - total)[..., None]
-    return joined[None]
+    prefix_weight, tree_weight = (torch.exp(part - total)[..., None].to(query.dtype) for part in (prefix_lse, tree_lse))
+    return (prefix_out * prefix_weight + result * tree_weight)[None]
 
 
 def _prefix_in_every_block(query: Any, key: Any, value: Any, blocks: TreeBlocks, scaling: float | None) -> Any:
