@@ -31,9 +31,9 @@ TREE_BLOCKS_KWARG = "llmlab_tree_blocks"
 @dataclass
 class TreeBlocks:
     """Where each block's queries and keys sit: ``queries`` [blocks, Q] and ``keys`` [blocks, K] are node indices
-    (padding repeats a real node), ``query_valid`` marks real queries, ``mask`` [blocks, 1, Q, K] the tree keys each
-    query may attend to (every query attends to all of the ``shared`` cached prefix, in a pass of its own where
-    ``prefix_apart``, else copied into every block)."""
+    (padding repeats a real node), ``query_valid`` marks real queries, ``mask`` the keys each query may attend to:
+    [blocks, 1, Q, K] over the tree keys where ``prefix_apart`` (every query attends to all of the ``shared`` cached
+    prefix in a pass of its own), else [blocks, 1, Q, shared + K] with the prefix, copied into every block, first."""
 
     shared: int
     queries: Any
@@ -118,8 +118,10 @@ def plan_blocks(tree: PackedTree, allowed: Any, shared: int, *, block_queries: i
         keys[b, : len(ordered)] = torch.tensor(ordered)
         keys[b, len(ordered) :] = ordered[0]
         key_valid[b, : len(ordered)] = True
-    rows = allowed[queries][..., shared:]  # [blocks, Q, nodes]
-    mask = torch.gather(rows, 2, keys[:, None, :].expand(-1, n_queries, -1)) & key_valid[:, None, :]
+    rows = allowed[queries]  # [blocks, Q, shared + nodes]
+    mask = torch.gather(rows[..., shared:], 2, keys[:, None, :].expand(-1, n_queries, -1)) & key_valid[:, None, :]
+    if not prefix_apart:
+        mask = torch.cat([rows[..., :shared], mask], dim=2)
     return TreeBlocks(shared, queries, query_valid, keys, mask[:, None], prefix_apart)
 
 
@@ -141,17 +143,13 @@ def _prefix_apart(query: Any, key: Any, value: Any, blocks: TreeBlocks, scaling:
     groups = heads // kv_heads
     n_blocks, n_queries = blocks.queries.shape
     q = query[0][:, blocks.queries].transpose(0, 1).reshape(n_blocks, kv_heads, groups * n_queries, dim)
-    k = key[0][:, shared:][:, blocks.keys].transpose(0, 1)  # [blocks, kv heads, K, dim]
-    v = value[0][:, shared:][:, blocks.keys].transpose(0, 1)
-    out, lse = _attention_with_lse(q, k, v, blocks.bias(q.dtype, groups), scaling)
-    out = out.reshape(n_blocks, heads, n_queries, dim).transpose(1, 2)[blocks.query_valid]  # [valid, heads, dim]
-    nodes = blocks.queries[blocks.query_valid]
-    result = query.new_empty((n, heads, dim))
-    result[nodes] = out
+    out, lse = _attention_with_lse(q, _tree_keys(key, blocks), _tree_keys(value, blocks),
+                                   blocks.bias(q.dtype, groups), scaling)
+    result = _to_nodes(out.reshape(n_blocks, heads, n_queries, dim), blocks, query.new_empty((n, heads, dim)))
     if not shared:
         return result[None]
-    tree_lse = lse.new_empty((n, heads))  # fp32 whatever the model's dtype: half-precision weights would be 1% off
-    tree_lse[nodes] = lse.reshape(n_blocks, heads, n_queries).transpose(1, 2)[blocks.query_valid]
+    # fp32 whatever the model's dtype: half-precision log-sum-exps would weigh the parts up to 1% off
+    tree_lse = _to_nodes(lse.reshape(n_blocks, heads, n_queries), blocks, lse.new_empty((n, heads)))
     prefix_out, prefix_lse = _attention_with_lse(query.reshape(1, kv_heads, groups * n, dim), key[:, :, :shared],
                                                  value[:, :, :shared], None, scaling)
     prefix_out = prefix_out.reshape(heads, n, dim).transpose(0, 1)  # [nodes, heads, dim]
@@ -166,21 +164,28 @@ def _prefix_in_every_block(query: Any, key: Any, value: Any, blocks: TreeBlocks,
     import torch
     import torch.nn.functional as F
 
-    shared = blocks.shared
-    n_blocks, n_queries = blocks.queries.shape
+    shared, n_blocks = blocks.shared, blocks.queries.shape[0]
     q = query[0][:, blocks.queries].transpose(0, 1)  # [blocks, heads, Q, dim]
-    k = key[0][:, shared:][:, blocks.keys].transpose(0, 1)  # [blocks, kv heads, K, dim]
-    v = value[0][:, shared:][:, blocks.keys].transpose(0, 1)
-    mask = blocks.mask
+    k, v = _tree_keys(key, blocks), _tree_keys(value, blocks)
     if shared:
         k = torch.cat([key[0][:, :shared].expand(n_blocks, -1, -1, -1), k], dim=2)
         v = torch.cat([value[0][:, :shared].expand(n_blocks, -1, -1, -1), v], dim=2)
-        mask = torch.cat([mask.new_ones((n_blocks, 1, n_queries, shared)), mask], dim=3)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling,
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=blocks.mask, scale=scaling,
                                          enable_gqa=q.shape[1] != k.shape[1])  # [blocks, heads, Q, dim]
-    result = query.new_empty((query.shape[2], query.shape[1], query.shape[3]))  # [nodes, heads, dim]
-    result[blocks.queries[blocks.query_valid]] = out.transpose(1, 2)[blocks.query_valid]
-    return result[None]
+    return _to_nodes(out, blocks, query.new_empty((query.shape[2], query.shape[1], query.shape[3])))[None]
+
+
+def _tree_keys(states: Any, blocks: TreeBlocks) -> Any:
+    """Each block's tree keys (or values) out of ``states`` [1, kv heads, shared + nodes, dim]: [blocks, kv heads,
+    K, dim]."""
+    return states[0][:, blocks.shared :][:, blocks.keys].transpose(0, 1)
+
+
+def _to_nodes(per_block: Any, blocks: TreeBlocks, into: Any) -> Any:
+    """``into`` [nodes, heads, ...] with each block's real query rows of ``per_block`` [blocks, heads, Q, ...] at
+    their nodes."""
+    into[blocks.queries[blocks.query_valid]] = per_block.transpose(1, 2)[blocks.query_valid]
+    return into
 
 
 def _attention_with_lse(q: Any, k: Any, v: Any, bias: Any, scaling: float | None) -> tuple[Any, Any]:
