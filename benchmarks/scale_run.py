@@ -74,8 +74,10 @@ def main() -> None:
         samples.append(sample)
         print(f"{sample[0]:9.0f} {sample[1]:7d} {sample[2]:8.1f}  {last_progress(log)}", flush=True)
     code = process.wait()
-    print(f"pytest exited {code} after {time.perf_counter() - started:.0f} s; "
-          f"{items_written(output_dir)} items in {output_dir}/parts; log {log}")
+    merged = output_dir / "items.jsonl"  # the part files are merged into it when the run ends
+    where = (f"{sum(1 for _ in merged.open('rb'))} items in {merged}" if merged.exists()
+             else f"{items_written(output_dir)} items in {output_dir}/parts")
+    print(f"pytest exited {code} after {time.perf_counter() - started:.0f} s; {where}; log {log}")
     usable = [s for s in samples if s[1] > 0]
     if len(usable) >= 2:
         peak = max(s[2] for s in usable)
