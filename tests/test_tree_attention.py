@@ -15,13 +15,15 @@ F = pytest.importorskip("torch.nn.functional")
 HEADS, KV_HEADS, DIM = 9, 3, 64  # SmolLM2's grouped-query attention
 
 
-def items_as_sequences(n_items: int, seed: int = 0) -> list[list[int]]:
-    """Multiple-choice items as sequences: a context of 10-40 tokens, then four choices of 1-8 tokens (two of them
-    sharing their first token); sorted, as the backend packs them."""
+def items_as_sequences(n_items: int, seed: int = 0, long_every: int = 0) -> list[list[int]]:
+    """Multiple-choice items as sequences: a context of 10-40 tokens (every ``long_every``-th 100-140, as MMLU's
+    long questions), then four choices of 1-8 tokens (two of them sharing their first token); sorted, as the backend
+    packs them."""
     rng = random.Random(seed)
     sequences = []
-    for _ in range(n_items):
-        context = [rng.randrange(1, 1000) for _ in range(rng.randint(10, 40))]
+    for item in range(n_items):
+        long = long_every and item % long_every == 0
+        context = [rng.randrange(1, 1000) for _ in range(rng.randint(100, 140) if long else rng.randint(10, 40))]
         first = rng.randrange(1, 1000)
         for choice in range(4):
             tail = [rng.randrange(1, 1000) for _ in range(rng.randint(1, 8))]
@@ -29,20 +31,22 @@ def items_as_sequences(n_items: int, seed: int = 0) -> list[list[int]]:
     return sorted(sequences)
 
 
-def packed(n_items: int, max_nodes: int = 512):
-    sequences = items_as_sequences(n_items)
+def packed(n_items: int, max_nodes: int = 512, long_every: int = 0):
+    sequences = items_as_sequences(n_items, long_every=long_every)
     return pack_tree(sequences, [len(s) // 2 for s in sequences], 0, max_nodes=max_nodes, max_kept=10_000)
 
 
 @pytest.mark.parametrize("prefix_apart", [True, False], ids=["prefix-apart", "prefix-in-every-block"])
 @pytest.mark.parametrize("shared", [0, 37])
-def test_blocked_attention_matches_one_masked_pass(shared: int, prefix_apart: bool) -> None:
-    tree = packed(16)
+@pytest.mark.parametrize("long_every", [0, 4], ids=["short-items", "some-long-items"])
+def test_blocked_attention_matches_one_masked_pass(shared: int, prefix_apart: bool, long_every: int) -> None:
+    tree = packed(16, max_nodes=1536, long_every=long_every)
     n = len(tree.tokens)
     allowed = tree_mask(tree, shared)
     blocks = plan_blocks(tree, allowed, shared, prefix_apart=prefix_apart)
-    assert blocks is not None and blocks.queries.shape[0] >= 4
-    assert sorted(blocks.queries[blocks.query_valid].tolist()) == list(range(n))  # every node is a query once
+    assert blocks is not None and sum(batch.queries.shape[0] for batch in blocks.batches) >= 4
+    nodes = torch.cat([batch.nodes for batch in blocks.batches]).tolist()
+    assert sorted(nodes) == list(range(n))  # every node is a query once
     gen = torch.Generator().manual_seed(shared)
     query = torch.randn(1, HEADS, n, DIM, generator=gen)
     key = torch.randn(1, KV_HEADS, shared + n, DIM, generator=gen)
@@ -94,3 +98,14 @@ def test_blocks_are_planned_only_where_they_save_work() -> None:
     long_prefix = tree_mask(tree, 4000)
     assert plan_blocks(tree, long_prefix, 4000, prefix_apart=False) is None  # every block would re-read it
     assert plan_blocks(tree, long_prefix, 4000, prefix_apart=True) is not None  # read once, in a pass of its own
+
+
+def test_long_items_are_batched_apart_from_short_ones() -> None:
+    """A few long items do not pad every short block to their size: blocks go in batches of similar size."""
+    tree = packed(16, max_nodes=1536, long_every=4)
+    blocks = plan_blocks(tree, tree_mask(tree, 0), 0, prefix_apart=True)
+    assert blocks is not None and len(blocks.batches) >= 2
+    padded = sum(batch.queries.numel() for batch in blocks.batches)
+    one_size = sum(batch.queries.shape[0] for batch in blocks.batches) * max(
+        batch.queries.shape[1] for batch in blocks.batches)
+    assert padded < 0.8 * one_size
