@@ -31,13 +31,15 @@ def rss_mb(pid: int) -> float | None:
     return None
 
 
+def lines_in(path: Path) -> int:
+    """Lines of a JSONL file (one item each)."""
+    with path.open("rb") as handle:
+        return sum(1 for _ in handle)
+
+
 def items_written(output_dir: Path) -> int:
     """Item lines already streamed to the run's part files."""
-    total = 0
-    for part in output_dir.glob("parts/*/*.jsonl"):
-        with part.open("rb") as handle:
-            total += sum(1 for _ in handle)
-    return total
+    return sum(lines_in(part) for part in output_dir.glob("parts/*/*.jsonl"))
 
 
 def last_progress(log: Path) -> str:
@@ -75,7 +77,7 @@ def main() -> None:
         print(f"{sample[0]:9.0f} {sample[1]:7d} {sample[2]:8.1f}  {last_progress(log)}", flush=True)
     code = process.wait()
     merged = output_dir / "items.jsonl"  # the part files are merged into it when the run ends
-    where = (f"{sum(1 for _ in merged.open('rb'))} items in {merged}" if merged.exists()
+    where = (f"{lines_in(merged)} items in {merged}" if merged.exists()
              else f"{items_written(output_dir)} items in {output_dir}/parts")
     print(f"pytest exited {code} after {time.perf_counter() - started:.0f} s; {where}; log {log}")
     usable = [s for s in samples if s[1] > 0]

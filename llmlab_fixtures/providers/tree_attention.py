@@ -141,12 +141,15 @@ def _batch_by_size(groups: list[_Group], per_block: int) -> tuple[list[list[_Gro
     def cost(i: int, j: int) -> int:
         return (j - i) * ordered[j - 1].size * (per_block + widest[i][j]) + BATCH_COST
 
-    # cheapest[j]: the least cost of ordered[:j] in up to k batches, with its cuts; one more batch per round
-    cheapest: list[tuple[int, list[int]]] = [(cost(0, j), [0, j]) if j else (0, [0]) for j in range(count + 1)]
+    # cheapest[j - 1]: the least cost of ordered[:j] in one batch, then (one round each) in up to two, three..., with
+    # the cut points
+    cheapest = [(cost(0, j), [0, j]) for j in range(1, count + 1)]
     for _ in range(MAX_BATCHES - 1):
-        cheapest = [min([cheapest[j], *((cheapest[i][0] + cost(i, j), [*cheapest[i][1], j]) for i in range(1, j))])
-                    if j else cheapest[0] for j in range(count + 1)]
-    total, cuts = cheapest[count]
+        fewer = list(cheapest)  # up to one batch fewer; cheapest is updated in place
+        for j in range(2, count + 1):
+            for i in range(1, j):  # the last batch is ordered[i:j]; on a tie, the earlier cuts
+                cheapest[j - 1] = min(cheapest[j - 1], (fewer[i - 1][0] + cost(i, j), [*fewer[i - 1][1], j]))
+    total, cuts = cheapest[-1]
     return [ordered[a:b] for a, b in itertools.pairwise(cuts)], total
 
 
