@@ -7,7 +7,8 @@ The limit column is the backend's prompt-processing rate (pp512, measured here) 
 item after reuse: the items/s a run would reach if the model ran nothing else. pp512 computes one logits row per 512
 tokens, while exact scoring needs a full-vocabulary row for every continuation token, so a second limit charges the
 rows an exact scorer cannot avoid (one per distinct token prefix that predicts a continuation token) at the rate of
-pp512 with every row's logits. Scores before and after must agree.
+pp512 with every row's logits. Their quotient, the "ceiling", is the highest after/limit an exact scorer reaches
+even with no overhead at all. Scores before and after must agree.
 
 A shared VM's speed drifts by a fifth from minute to minute, so "after" runs ``--rounds`` times, each run followed by
 pp512 probes, and the table shows medians: the limit is measured in the same minutes as the runs it judges
@@ -108,7 +109,7 @@ def main() -> None:
           f"{'after range':>11} {'speed-up':>8} "
           f"{'tok/item before':>15} {'tok/item after':>14} {'pp512 tok/s':>11} {'limit it/s':>10} "
           f"{'after/limit':>11} {'rows/item':>9} {'pp512 all-rows tok/s':>20} {'limit w/ rows':>13} "
-          f"{'after/limit w/ rows':>19} {'same preds':>10} {'acc':>7} {'peak RSS MB':>11}")
+          f"{'after/limit w/ rows':>19} {'ceiling':>7} {'same preds':>10} {'acc':>7} {'peak RSS MB':>11}")
     for backend in args.backends.split(","):
         provider = smollm2_provider(backend, args.threads)
         provider.initialize()
@@ -143,7 +144,7 @@ def main() -> None:
             print(f"{backend:12} {name:16} {shots:>5} {len(docs):4d} {before:11.2f} {after:10.2f} {spread:>11} "
                   f"{after / before:7.1f}x {tok_before:15.0f} {tok_after:14.0f} {pp:11.0f} {limit:10.2f} "
                   f"{after / limit:11.2f} {rows:9.0f} {pp_rows:20.0f} {limit_rows:13.2f} {after / limit_rows:19.2f} "
-                  f"{same:5d}/{len(docs):<4d} {run_after.metrics[0].value:7.3f} {peak:11.0f}",
+                  f"{limit_rows / limit:7.2f} {same:5d}/{len(docs):<4d} {run_after.metrics[0].value:7.3f} {peak:11.0f}",
                   flush=True)
         provider.close()
 
