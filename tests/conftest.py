@@ -8,8 +8,11 @@ from pathlib import Path
 import pytest
 
 # torch is loaded first in every worker: imported after the other native libraries the suite loads (llama.cpp, the
-# cloud SDKs, ...), torch's own init failed in a long-lived xdist worker ("bad call flags") and the worker crashed later
-import torch  # noqa: F401
+# cloud SDKs, ...), torch's own init failed in a long-lived xdist worker ("bad call flags") and the worker crashed
+# later. Not in LLMLAB_TEST_GPU_LAYERS runs: with torch loaded (2.11+cu130, its own CUDA libraries), a CUDA build of
+# llama-cpp-python crashed loading a model onto the GPU (H200); the llama.cpp tests import no torch themselves.
+if int(os.environ.get("LLMLAB_TEST_GPU_LAYERS", "0")) == 0:
+    import torch  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 

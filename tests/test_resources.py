@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -105,6 +106,20 @@ def test_llama_offload_request_without_offload_support_falls_back() -> None:
                       "(llama_supports_gpu_offload() is false); llama.cpp runs on the CPU")
     assert llama_layers_fallback(None) == (None, None)  # auto decides by itself
 
+
+
+def test_system_info_loads_torch_before_llama_cpp(tmp_path: Path) -> None:
+    """``llmlab system`` on a box whose nvidia-smi answers (here a script printing what an H200's printed): torch is
+    imported before llama_cpp (a CUDA llama.cpp build imported first made importing torch abort the process there)."""
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho '0, NVIDIA H200, 143771, 143000'\n")
+    smi.chmod(0o755)
+    code = ("import sys; from llmlab_fixtures.resources import system_info; info = system_info(use_torch=True); "
+            "loaded = list(sys.modules); print(info['gpus'][0]['name'].split()[-1], "
+            "loaded.index('torch') < loaded.index('llama_cpp'))")
+    env = {**os.environ, "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    assert out.split() == ["H200", "True"]
 
 def test_transformers_on_cuda_without_cuda_falls_back_with_one_notice(pytester: pytest.Pytester) -> None:
     import torch
