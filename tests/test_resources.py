@@ -107,7 +107,6 @@ def test_llama_offload_request_without_offload_support_falls_back() -> None:
     assert llama_layers_fallback(None) == (None, None)  # auto decides by itself
 
 
-
 def test_system_info_loads_torch_before_llama_cpp(tmp_path: Path) -> None:
     """``llmlab system`` on a box whose nvidia-smi answers (here a script printing what an H200's printed): torch is
     imported before llama_cpp (a CUDA llama.cpp build imported first made importing torch abort the process there)."""
@@ -120,6 +119,7 @@ def test_system_info_loads_torch_before_llama_cpp(tmp_path: Path) -> None:
     env = {**os.environ, "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
     assert out.split() == ["H200", "True"]
+
 
 def test_transformers_on_cuda_without_cuda_falls_back_with_one_notice(pytester: pytest.Pytester) -> None:
     import torch
