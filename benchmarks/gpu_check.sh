@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # llmlab's GPU paths on a machine with a CUDA GPU, from the repository root: what llmlab sees, the transformers and
-# llama.cpp test modules run on the GPU, and the five datasets through each backend on the GPU (accuracy, items/s,
-# pp512/tg128), each next to nothing but itself: compare with the same commands on the CPU.
+# llama.cpp test modules run on the GPU (llama.cpp after llama_gpu_load.py has loaded the model each way in a process
+# of its own), and the five datasets through each backend on the GPU (accuracy, items/s, pp512/tg128), each next to
+# nothing but itself: compare with the same commands on the CPU.
 #
 #   benchmarks/gpu_check.sh DATA_DIR [OUTPUT_DIR] [LIMIT]
 #
@@ -36,6 +37,7 @@ sys.exit(not llama_gpu_offload())"; then
             failed+=("llama.cpp offload")
             continue
         fi
+        step python3 benchmarks/llama_gpu_load.py
         step env LLMLAB_TEST_GPU_LAYERS=-1 python3 -m pytest -p no:cacheprovider -q -rs -s \
             tests/test_llama_cpp_provider.py
         step python3 -m pytest -p no:cacheprovider bench --models=local:smollm2-135m --gpu-layers -1 \

@@ -8,7 +8,6 @@ import hashlib
 import importlib
 import importlib.util
 import json
-import mmap
 import os
 import struct
 import tempfile
@@ -180,6 +179,8 @@ _GGUF_MAGIC = b"GGUF"
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
 _SMALL_ARRAY = 64  # longer arrays (vocabularies, merges) are only counted, not kept
+_HEADER_READ = 4 << 20  # bytes read for the header first; a longer header is read again, four times as much
+_HEADER_MAX = 1 << 30  # no real GGUF header comes near this (a 256K vocabulary takes about 6 MB)
 
 # (block size, bytes per block) per ggml type, used when the gguf package is unavailable.
 _FALLBACK_TYPE_SIZES: dict[int, tuple[int, int]] = {
@@ -197,17 +198,24 @@ class _GGUFFormatError(ValueError):
     pass
 
 
-class _Cursor:
-    """Little-endian reader over a memory map that reports reads past the end as truncation."""
+class _PastEnd(_GGUFFormatError):
+    """The header reaches past the bytes read so far (past the end of the file when all of it was read)."""
 
-    def __init__(self, buf: mmap.mmap | bytes) -> None:
+    def __init__(self) -> None:
+        super().__init__("header ends early (file truncated)")
+
+
+class _Cursor:
+    """Little-endian reader over the first bytes of a file; reading past them raises _PastEnd."""
+
+    def __init__(self, buf: bytes) -> None:
         self.buf = buf
         self.pos = 0
 
     def unpack(self, fmt: str) -> Any:
         size = struct.calcsize(fmt)
         if self.pos + size > len(self.buf):
-            raise _GGUFFormatError("header ends early (file truncated)")
+            raise _PastEnd
         (value,) = struct.unpack_from(fmt, self.buf, self.pos)
         self.pos += size
         return value
@@ -215,7 +223,7 @@ class _Cursor:
     def string(self) -> str:
         n = self.unpack("<Q")
         if self.pos + n > len(self.buf):
-            raise _GGUFFormatError("header ends early (file truncated)")
+            raise _PastEnd
         raw = bytes(self.buf[self.pos : self.pos + n])
         self.pos += n
         return raw.decode("utf-8", errors="replace")
@@ -233,7 +241,7 @@ class _Cursor:
         if item_type in _SCALARS and count > _SMALL_ARRAY:
             self.pos += count * struct.calcsize(_SCALARS[item_type])
             if self.pos > len(self.buf):
-                raise _GGUFFormatError("header ends early (file truncated)")
+                raise _PastEnd
             return None, count
         if item_type == _STRING and count > _SMALL_ARRAY:
             self._skip_strings(count)
@@ -244,10 +252,10 @@ class _Cursor:
         buf, pos, end, unpack = self.buf, self.pos, len(self.buf), struct.Struct("<Q").unpack_from
         for _ in range(count):
             if pos + 8 > end:
-                raise _GGUFFormatError("header ends early (file truncated)")
+                raise _PastEnd
             pos += 8 + unpack(buf, pos)[0]
         if pos > end:
-            raise _GGUFFormatError("header ends early (file truncated)")
+            raise _PastEnd
         self.pos = pos
 
 
@@ -271,36 +279,55 @@ def _file_type_name(file_type: int | None) -> str | None:
 
 
 def _parse_header(path: Path) -> dict[str, Any]:
-    """Parse the key/value metadata and tensor table of a GGUF file (no tensor data is read)."""
+    """Parse the key/value metadata and tensor table of a GGUF file (no tensor data is read).
+
+    The file is read, not memory-mapped: its first few MB, more only for a longer header.
+    """
     size = path.stat().st_size
     if size < 24:
         raise _GGUFFormatError(f"file is only {size} bytes")
-    with path.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        if buf[:4] != _GGUF_MAGIC:
-            raise _GGUFFormatError(f"bad magic {bytes(buf[:4])!r}, not a GGUF file")
-        cur = _Cursor(buf)
-        cur.pos = 4
-        version = cur.unpack("<I")
-        if version not in (2, 3):
-            raise _GGUFFormatError(f"unsupported GGUF version {version}")
-        n_tensors, n_kv = cur.unpack("<Q"), cur.unpack("<Q")
-        kv: dict[str, Any] = {}
-        array_lengths: dict[str, int] = {}
-        for _ in range(n_kv):
-            key = cur.string()
-            value, length = cur.value(cur.unpack("<I"))
-            if length is not None:
-                array_lengths[key] = length
-            if value is not None:
-                kv[key] = value
-        tensors: list[tuple[str, list[int], int, int]] = []
-        for _ in range(n_tensors):
-            name = cur.string()
-            dims = [cur.unpack("<Q") for _ in range(cur.unpack("<I"))]
-            tensors.append((name, dims, cur.unpack("<I"), cur.unpack("<Q")))
-        alignment = int(kv.get("general.alignment", 32)) or 32
-        data_start = -(-cur.pos // alignment) * alignment
-        header_end = cur.pos
+    limit = _HEADER_READ
+    with path.open("rb") as handle:
+        while True:
+            buf = handle.read(limit)
+            try:
+                return _parse_header_bytes(buf, size)
+            except _PastEnd:
+                if len(buf) >= size:
+                    raise
+            if limit >= _HEADER_MAX:
+                raise _GGUFFormatError(f"header runs past {_HEADER_MAX >> 20} MiB, not a GGUF model")
+            handle.seek(0)
+            limit *= 4
+
+
+def _parse_header_bytes(buf: bytes, size: int) -> dict[str, Any]:
+    """Parse a GGUF header from the first bytes of a ``size``-byte file; _PastEnd if it needs more of them."""
+    if buf[:4] != _GGUF_MAGIC:
+        raise _GGUFFormatError(f"bad magic {bytes(buf[:4])!r}, not a GGUF file")
+    cur = _Cursor(buf)
+    cur.pos = 4
+    version = cur.unpack("<I")
+    if version not in (2, 3):
+        raise _GGUFFormatError(f"unsupported GGUF version {version}")
+    n_tensors, n_kv = cur.unpack("<Q"), cur.unpack("<Q")
+    kv: dict[str, Any] = {}
+    array_lengths: dict[str, int] = {}
+    for _ in range(n_kv):
+        key = cur.string()
+        value, length = cur.value(cur.unpack("<I"))
+        if length is not None:
+            array_lengths[key] = length
+        if value is not None:
+            kv[key] = value
+    tensors: list[tuple[str, list[int], int, int]] = []
+    for _ in range(n_tensors):
+        name = cur.string()
+        dims = [cur.unpack("<Q") for _ in range(cur.unpack("<I"))]
+        tensors.append((name, dims, cur.unpack("<I"), cur.unpack("<Q")))
+    alignment = int(kv.get("general.alignment", 32)) or 32
+    data_start = -(-cur.pos // alignment) * alignment
+    header_end = cur.pos
     sizes = _type_sizes()
     data_end = data_start if tensors else header_end  # vocab-only files end right after the header
     n_params = 0

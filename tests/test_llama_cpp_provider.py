@@ -395,6 +395,18 @@ def test_garbage_and_truncated_gguf_rejected_before_loading(tmp_path: Path, smol
             check_gguf_file(path)
 
 
+def test_header_is_read_in_growing_pieces(monkeypatch: pytest.MonkeyPatch, smollm_path: Path) -> None:
+    """The GGUF header is read, not memory-mapped: from a 4 KB first read it grows until the header is in, with the
+    same result; a header that would run past the limit is refused instead of read whole."""
+    whole = embedded._parse_header(smollm_path)
+    assert whole["data_start"] > 1 << 20
+    monkeypatch.setattr(embedded, "_HEADER_READ", 4096)
+    assert embedded._parse_header(smollm_path) == whole
+    monkeypatch.setattr(embedded, "_HEADER_MAX", 1 << 20)
+    with pytest.raises(ModelUnavailable, match="header runs past 1 MiB, not a GGUF model"):
+        check_gguf_file(smollm_path)
+
+
 def test_load_error_is_one_line_model_unavailable(tmp_path: Path, smollm_path: Path) -> None:
     data = bytearray(smollm_path.read_bytes())  # a well-formed GGUF llama.cpp cannot run
     at = data.find(b"llama", data.find(b"general.architecture"))

@@ -465,7 +465,7 @@ def test_prompt_probe_rows_end_with_the_last_position(tf_smollm: TransformersPro
     rows = {n: tf_smollm._forward_one_row(tokens, DynamicCache(config=tf_smollm._model.config), n)
             for n in (1, len(tokens))}
     assert rows[1].shape == rows[len(tokens)].shape == (tf_smollm._model.config.vocab_size,)
-    assert np.allclose(rows[len(tokens)].numpy(), rows[1].numpy(), atol=1e-4)
+    assert np.allclose(rows[len(tokens)].cpu().numpy(), rows[1].cpu().numpy(), atol=1e-4)
     assert tf_smollm.time_prompt(len(tokens), logits_rows=len(tokens)) > 0
 
 
@@ -531,10 +531,11 @@ def test_gemma3_gguf_loads_and_agrees_with_llama_cpp(tf_gemma: TransformersProvi
 # --- check_spec -----------------------------------------------------------------------------------
 
 
-def test_check_spec_accepts_the_embedded_models() -> None:
-    check_available(spec("transformers:smollm2-135m"), SETTINGS)
-    check_available(spec("transformers:gemma3-270m"), SETTINGS)
-    check_available(spec(f"transformers:{embedded_gguf(SMOLLM2)}"), SETTINGS)
+@pytest.mark.parametrize("target", ["smollm2-135m", "gemma3-270m", "smollm2-gguf-path"])
+def test_check_spec_accepts_the_embedded_models(target: str) -> None:
+    """Each embedded model by alias, and SmolLM2 by its GGUF path (one case each: -k "not gemma" leaves Gemma out)."""
+    check_available(spec(f"transformers:{embedded_gguf(SMOLLM2) if target == 'smollm2-gguf-path' else target}"),
+                    SETTINGS)
 
 
 def test_check_spec_missing_gguf_names_the_fix() -> None:
