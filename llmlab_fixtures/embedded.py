@@ -180,7 +180,7 @@ _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<
 _STRING, _ARRAY = 8, 9
 _SMALL_ARRAY = 64  # longer arrays (vocabularies, merges) are only counted, not kept
 _HEADER_READ = 4 << 20  # bytes read for the header first; a longer header is read again, four times as much
-_HEADER_MAX = 1 << 30  # no real GGUF header comes near this (a 256K vocabulary takes about 6 MB)
+_HEADER_MAX = 256 << 20  # no real GGUF header comes near this (a 256K vocabulary takes about 6 MB)
 
 # (block size, bytes per block) per ggml type, used when the gguf package is unavailable.
 _FALLBACK_TYPE_SIZES: dict[int, tuple[int, int]] = {
