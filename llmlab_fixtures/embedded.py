@@ -179,7 +179,7 @@ _GGUF_MAGIC = b"GGUF"
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
 _SMALL_ARRAY = 64  # longer arrays (vocabularies, merges) are only counted, not kept
-_HEADER_READ = 4 << 20  # bytes read for the header first; a longer header is read again, four times as much
+_HEADER_READ = 4 << 20  # bytes read for the header first; a longer header grows the read fourfold
 _HEADER_MAX = 256 << 20  # no real GGUF header comes near this (a 256K vocabulary takes about 6 MB)
 
 # (block size, bytes per block) per ggml type, used when the gguf package is unavailable.
@@ -286,19 +286,17 @@ def _parse_header(path: Path) -> dict[str, Any]:
     size = path.stat().st_size
     if size < 24:
         raise _GGUFFormatError(f"file is only {size} bytes")
-    limit = _HEADER_READ
     with path.open("rb") as handle:
+        buf = handle.read(_HEADER_READ)
         while True:
-            buf = handle.read(limit)
             try:
                 return _parse_header_bytes(buf, size)
             except _PastEnd:
                 if len(buf) >= size:
                     raise
-            if limit >= _HEADER_MAX:
+            if len(buf) >= _HEADER_MAX:
                 raise _GGUFFormatError(f"header runs past {_HEADER_MAX >> 20} MiB, not a GGUF model")
-            handle.seek(0)
-            limit *= 4
+            buf += handle.read(3 * len(buf))  # four times as much in all; what was read stays
 
 
 def _parse_header_bytes(buf: bytes, size: int) -> dict[str, Any]:

@@ -531,11 +531,11 @@ def test_gemma3_gguf_loads_and_agrees_with_llama_cpp(tf_gemma: TransformersProvi
 # --- check_spec -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("target", ["smollm2-135m", "gemma3-270m", "smollm2-gguf-path"])
+@pytest.mark.parametrize("target", ["smollm2-135m", "gemma3-270m", str(embedded_gguf(SMOLLM2))],
+                         ids=["smollm2", "gemma3", "smollm2-gguf-path"])
 def test_check_spec_accepts_the_embedded_models(target: str) -> None:
     """Each embedded model by alias, and SmolLM2 by its GGUF path (one case each: -k "not gemma" leaves Gemma out)."""
-    check_available(spec(f"transformers:{embedded_gguf(SMOLLM2) if target == 'smollm2-gguf-path' else target}"),
-                    SETTINGS)
+    check_available(spec(f"transformers:{target}"), SETTINGS)
 
 
 def test_check_spec_missing_gguf_names_the_fix() -> None:
