@@ -224,7 +224,7 @@ class _Cursor:
         n = self.unpack("<Q")
         if self.pos + n > len(self.buf):
             raise _PastEnd
-        raw = bytes(self.buf[self.pos : self.pos + n])
+        raw = self.buf[self.pos : self.pos + n]
         self.pos += n
         return raw.decode("utf-8", errors="replace")
 
@@ -302,7 +302,7 @@ def _parse_header(path: Path) -> dict[str, Any]:
 def _parse_header_bytes(buf: bytes, size: int) -> dict[str, Any]:
     """Parse a GGUF header from the first bytes of a ``size``-byte file; _PastEnd if it needs more of them."""
     if buf[:4] != _GGUF_MAGIC:
-        raise _GGUFFormatError(f"bad magic {bytes(buf[:4])!r}, not a GGUF file")
+        raise _GGUFFormatError(f"bad magic {buf[:4]!r}, not a GGUF file")
     cur = _Cursor(buf)
     cur.pos = 4
     version = cur.unpack("<I")
