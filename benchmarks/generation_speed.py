@@ -1,13 +1,12 @@
-"""GSM8K generation speed: per-item exemplars vs fixed exemplars, and one prompt per call vs batched prompts.
+"""GSM8K generation speed of llmlab's continuous batching, per backend and setting.
 
-lm-eval draws GSM8K's few-shot exemplars per item (llmlab's default too, for comparable scores); with
-``--fixed-fewshot`` every item gets the same exemplars, so llama.cpp keeps that prefix in its KV cache and runs only
-each question. The transformers backend generates ``generation_items_per_call`` prompts as one left-padded batch
-(one batched forward pass per new token) instead of one prompt at a time. For each setting this prints items/s,
-prompt tokens evaluated per item, generated tokens/s, the strict exact match, and how many answers equal the
-first setting's.
+llama.cpp: one stream (``--parallel-sequences 1``) against 4 and 8 streams refilled as replies end, and 8 streams
+with fixed exemplars (the prefix decoded once and copied). transformers: one row against 8 rows refilled as replies
+end, and 8 rows with fixed exemplars. For each setting this prints items/s, prompt tokens evaluated per item,
+generated tokens/s, the strict exact match, and how many replies equal the backend's first setting. The comparison
+with lm-evaluation-harness on the same items is ``lm_eval_compare.py --tasks gsm8k`` (benchmarks/README.md).
 
-    python benchmarks/generation_speed.py --limit 16
+    python benchmarks/generation_speed.py --limit 20
 """
 
 from __future__ import annotations
@@ -24,21 +23,32 @@ from bench_common import default_data_dir, smollm2_provider
 
 from llmlab_fixtures.datasets import load_docs
 from llmlab_fixtures.evaluator import evaluate
+from llmlab_fixtures.providers.base import Provider
 from llmlab_fixtures.providers.llama_cpp import LlamaCppProvider
 from llmlab_fixtures.records import TaskRun
 from llmlab_fixtures.tasks import get_task
 
 
 def settings(backend: str) -> list[tuple[str, bool, int]]:
-    """(label, fixed exemplars, prompts per call) to time for a backend."""
+    """(label, fixed exemplars, streams or rows side by side) to time for a backend."""
     if backend == "llama-cpp":
-        return [("per-item exemplars", False, 1), ("fixed exemplars", True, 1)]
-    return [("1 prompt per call", False, 1), ("8 prompts per call", False, 8), ("8 per call + fixed", True, 8)]
+        return [("1 stream", False, 1), ("4 streams", False, 4), ("8 streams", False, 8), ("8 streams, fixed", True, 8)]
+    return [("1 row", False, 1), ("8 rows", False, 8), ("8 rows, fixed", True, 8)]
+
+
+def configure(provider: Provider, side_by_side: int) -> None:
+    """Streams (llama.cpp) or rows (transformers) side by side, and the prompts of one evaluator call."""
+    if isinstance(provider, LlamaCppProvider):
+        provider.parallel = side_by_side
+        provider.reset_cache()
+    else:
+        provider.generation_rows = side_by_side  # type: ignore[attr-defined]
+        provider.generation_items_per_call = 4 * side_by_side
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--limit", type=int, default=16)
+    parser.add_argument("--limit", type=int, default=20)
     parser.add_argument("--shots", type=int, default=5)
     parser.add_argument("--backends", default="llama-cpp,transformers")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
@@ -54,10 +64,8 @@ def main() -> None:
         provider = smollm2_provider(backend, args.threads)
         provider.initialize()
         first: TaskRun | None = None
-        for label, fixed, per_call in settings(backend):
-            provider.generation_items_per_call = per_call
-            if isinstance(provider, LlamaCppProvider):
-                provider.reset_cache()
+        for label, fixed, side_by_side in settings(backend):
+            configure(provider, side_by_side)
             started = time.perf_counter()
             run = evaluate(task, provider, docs, model_name=backend, fewshot_docs=train, scoring="generate",
                            num_fewshot=args.shots, fixed_fewshot=fixed)

@@ -65,6 +65,17 @@ class Run:
     output: str = ""  # lm-eval --output_path or llmlab --output-dir
     agreement: dict[str, Any] | None = None  # llmlab runs, with --log-samples: per-item match against lm-eval
     conversion: str | None = None  # llmlab transformers on a GGUF: "converted now" or "loaded saved"
+    evaluated_per_item: float | None = None  # llmlab: prompt tokens run through the model per item (after reuse)
+    completion_tokens: int | None = None  # llmlab: generated tokens of the whole run
+
+    @property
+    def items_per_s(self) -> float | None:
+        """Items over the evaluation time (lm-eval: over its log's build-to-save span)."""
+        return self.n_items / self.eval_s if self.n_items and self.eval_s else None
+
+    @property
+    def generated_per_s(self) -> float | None:
+        return self.completion_tokens / self.eval_s if self.completion_tokens and self.eval_s else None
 
 
 def default_gguf() -> Path:
@@ -196,6 +207,9 @@ def run_llmlab(args: argparse.Namespace, task: str, spec: str, work: Path) -> Ru
             if row.get("dataset") == task and row.get("model") == spec:
                 run.metrics = {k: float(v["value"]) for k, v in row.get("metrics", {}).items() if k in METRICS}
                 run.n_items, run.eval_s = row.get("n_items"), row.get("wall_s")
+                if run.n_items:
+                    run.evaluated_per_item = (row.get("evaluated_tokens") or 0) / run.n_items
+                run.completion_tokens = row.get("completion_tokens")
                 run.load_s = (row.get("load") or {}).get("load_s")
                 run.conversion = ((row.get("model_info") or {}).get("extra") or {}).get("gguf_conversion")
     return run
@@ -340,10 +354,11 @@ def _num(value: float | None, digits: int = 1) -> str:
 def task_report(task: str, runs: list[Run], shots: int) -> list[str]:
     """The lines printed for one task: every run, then the fastest-to-fastest ratio."""
     metric_names = [m for m in METRICS if any(m in r.metrics for r in runs)]
-    header = ["side", "setting", "items", *metric_names, "wall_s", "eval_s", "load_s", "status"]
+    header = ["side", "setting", "items", *metric_names, "wall_s", "eval_s", "load_s", "items/s",
+              "prompt tok/item", "gen tok/s", "status"]
     rows = [[r.side, r.setting, _num(r.n_items, 0), *(_num(r.metrics.get(m), 4) for m in metric_names),
-             _num(r.wall_s), _num(r.eval_s), _num(r.load_s), _status(r)]
-            for r in runs]
+             _num(r.wall_s), _num(r.eval_s), _num(r.load_s), _num(r.items_per_s, 3), _num(r.evaluated_per_item, 0),
+             _num(r.generated_per_s), _status(r)] for r in runs]
     lines = [f"{task} ({shots}-shot)", *text_grid(header, rows, markdown=False)]
     theirs, ours = fastest(runs, "lm-eval", "wall_s"), fastest(runs, "llmlab", "wall_s")
     if theirs and ours:

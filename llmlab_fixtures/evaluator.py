@@ -47,7 +47,7 @@ Doc = Mapping[str, Any]
 T = TypeVar("T")
 R = TypeVar("R")
 Scored = tuple[list[LoglikelihoodResult], float]  # one item's results and its latency (a share of a window call)
-Generated = tuple[GenerationResult, float]  # one item's generation and its latency (a share of a batch call)
+Generated = tuple[GenerationResult | Exception, float]  # one item's generation (or failure) in a batch, its latency
 
 
 def _score_loglik(task: TaskDefinition, provider: Provider, doc: Doc, requests: list[LoglikelihoodRequest],
@@ -125,6 +125,8 @@ def _generate(provider: Provider, request: GenerationRequest, record: ItemRecord
         record.latency_s = time.perf_counter() - started
     else:
         result, record.latency_s = generated
+        if isinstance(result, Exception):  # this item failed inside a batch that went on for the others
+            raise result
     record.prompt_tokens = result.prompt_tokens
     record.completion_tokens = result.completion_tokens
     record.evaluated_tokens = result.evaluated_tokens
@@ -235,8 +237,9 @@ class _WindowItem:
 
 
 def _run_window(provider: Provider, pending: Sequence[_WindowItem]) -> None:
-    """One provider call for every pending item (their log-likelihood requests, or a batch of generations); each
-    item gets its results and an even share of the call's time. A failed call leaves each item to run on its own."""
+    """One provider call for every pending item (their log-likelihood requests, or a batch of generations). A
+    log-likelihood item's latency is an even share of the call's time, a generation's its own time in the batch
+    (an item that failed alone keeps its exception). A failed call leaves each item to run on its own."""
     prompts = [w.prompt for w in pending if w.prompt is not None]
     loglik = [p.loglik for p in prompts if p.loglik is not None]
     generations = [p.generation for p in prompts if p.generation is not None]
@@ -254,7 +257,11 @@ def _run_window(provider: Provider, pending: Sequence[_WindowItem]) -> None:
         return
     offset = 0
     for w, n in zip(pending, sizes):
-        w.done = (results[offset : offset + n] if loglik else results[offset], share)
+        if loglik:
+            w.done = (results[offset : offset + n], share)
+        else:  # a generation's own time: from when its prompt took a row (or stream) until its reply ended
+            result = results[offset]
+            w.done = (result, share if isinstance(result, Exception) else result.total_s)
         offset += n
 
 

@@ -66,7 +66,7 @@ def add_options(parser: pytest.Parser) -> None:
     group.addoption("--max-retries", default="4",
                     help="cloud APIs: retries on 429/5xx/timeouts with exponential backoff (default 4)")
     group.addoption("--concurrency", default="4",
-                    help="cloud APIs: requests in flight per model (default 4)")
+                    help="Ollama, OpenAI-compatible servers and cloud APIs: requests in flight per model (default 4)")
     group.addoption("--max-memory", default=None,
                     help="refuse in-process models estimated to need more than this (e.g. 8GB, 512MiB); "
                          "default: the memory available when the run starts")

@@ -335,7 +335,8 @@ def test_generation_stops_at_max_new_tokens(smollm: LlamaCppProvider) -> None:
     assert result.ttft_s is not None and 0 < result.ttft_s <= result.total_s
     again = smollm.generate(GenerationRequest(COUNTING, max_new_tokens=6))
     assert again.text == result.text  # greedy and deterministic
-    assert again.evaluated_tokens == 8  # prompt reused from the cache, only its last 8 tokens re-run
+    # the prompt is reused from the stream's cache: only its last token is new (a few cached ones run again with it)
+    assert again.evaluated_tokens == 1 and again.extra["reused_prompt_tokens"] == result.prompt_tokens - 1
 
 
 def test_generation_stops_at_stop_string(smollm: LlamaCppProvider) -> None:

@@ -492,3 +492,28 @@ def test_bench_run_on_ollama_scores_by_generation(bench_pytester: pytest.Pyteste
     assert rows and {r["scoring"] for r in rows} == {"generate"} and all(float(r["items_per_s"]) > 0 for r in rows)
     results = json.loads((out / "results.json").read_text())
     assert results["models"][label]["data_location"] == data_location(target.url)
+
+
+def test_concurrent_requests_give_one_at_a_time_replies_in_order(target: Target, data_dir: Path) -> None:
+    """--concurrency keeps several requests open at the server (a server with parallel slots serves them side by
+    side); the items come back in order with the replies of one request at a time."""
+    from llmlab_fixtures.datasets import load_docs
+    from llmlab_fixtures.evaluator import evaluate
+    from llmlab_fixtures.tasks import get_task
+
+    task = get_task("arc_challenge")  # multiple choice by a generated letter: short replies
+    docs, shots = load_docs(task, data_dir)[:6], load_docs(task, data_dir, split="train")
+    runs = []
+    for concurrency in (1, 4):
+        if target.server is not None:
+            target.server.peak_in_flight = 0
+        with backend.make_provider(spec(target.tag), settings(concurrency=concurrency)) as p:
+            assert p.max_concurrency == concurrency
+            runs.append(evaluate(task, p, docs, model_name="o", fewshot_docs=shots, scoring="generate",
+                                 num_fewshot=1))
+    one, four = runs
+    assert [i.item_id for i in four.items] == [i.item_id for i in one.items] == [d["id"] for d in docs]
+    assert [i.response for i in four.items] == [i.response for i in one.items]
+    assert not any(i.error for i in four.items)
+    if target.server is not None:
+        assert target.server.peak_in_flight >= 2

@@ -418,7 +418,8 @@ def test_batched_generation_matches_single_on_gsm8k(tf_smollm: TransformersProvi
     for one, many in zip(single, batched):
         assert many.text == one.text
         assert (many.completion_tokens, many.prompt_tokens) == (one.completion_tokens, one.prompt_tokens)
-        assert many.extra["stop_reason"] == one.extra["stop_reason"] and many.extra["batch_rows"] == 3
+        assert many.extra["stop_reason"] == one.extra["stop_reason"]
+        assert many.ttft_s is not None and 0 < many.ttft_s <= many.total_s  # the item's own times in the batch
         assert "Question:" not in one.text and one.text and one.ttft_s is not None
     print(f"\nGSM8K batched == single: {[r.text[:40] for r in single]}")
 

@@ -89,9 +89,17 @@ class Provider(ABC):
     def generate(self, request: GenerationRequest) -> GenerationResult:
         """Greedy generation; streams internally to time the first token."""
 
-    def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        """Greedy generation of several prompts (one after another unless the backend batches them)."""
-        return [self.generate(request) for request in requests]
+    def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult | Exception]:
+        """Greedy generation of several prompts (one after another unless the backend batches them); an item that
+        fails alone gets its exception in place of a result. Each result's ``ttft_s`` and ``total_s`` run from when
+        its own prompt started (under batching: took a row or stream), so they never exceed the call."""
+        results: list[GenerationResult | Exception] = []
+        for request in requests:
+            try:
+                results.append(self.generate(request))
+            except Exception as exc:
+                results.append(exc)
+        return results
 
     def loglikelihood(self, requests: Sequence[LoglikelihoodRequest]) -> list[LoglikelihoodResult]:
         """Log-likelihood of each continuation; requests sharing a context reuse its evaluation."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import codecs
 import contextlib
 import ctypes
 import os
@@ -26,6 +25,7 @@ from llmlab_fixtures.providers.base import (
     ModelInfo,
     Provider,
 )
+from llmlab_fixtures.providers.llama_generation import PromptJob, generate_in_streams
 from llmlab_fixtures.providers.llama_streams import (
     LlamaStreams,
     StreamJob,
@@ -34,7 +34,7 @@ from llmlab_fixtures.providers.llama_streams import (
     plan_runs,
     skip_row,
 )
-from llmlab_fixtures.providers.tokens import common_prefix_length, find_stop, probe_tokens, split_context
+from llmlab_fixtures.providers.tokens import common_prefix_length, probe_tokens, split_context
 from llmlab_fixtures.resources import load_with_cpu_fallback
 
 _SEQ = 0  # the single sequence id this provider uses
@@ -400,6 +400,8 @@ class LlamaCppProvider(Provider):
         self._cached = []
         if self._streams is not None:
             self._streams.clear()
+        if self._streams is not None:
+            self._streams.clear()
 
     def _keep_prefix(self, tokens: Sequence[int], limit: int) -> int:
         """Cut the cache back to its common prefix with ``tokens`` (at most ``limit``); return what was kept."""
@@ -518,54 +520,62 @@ class LlamaCppProvider(Provider):
     # --- generation --------------------------------------------------------------------------
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
-        """Greedy decoding; stops at end-of-generation, the first stop string, or max_new_tokens."""
-        lib = self._require()
-        t0 = time.perf_counter()
+        """Greedy decoding of one prompt (a batch of one; see generate_batch)."""
+        result = self.generate_batch([request])[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult | Exception]:
+        """Greedy decoding, ``parallel`` prompts side by side in KV-cache streams (llama_generation): each stops at
+        end-of-generation, its first stop string or max_new_tokens, and its stream takes the next prompt at once.
+        Replies are the same for any stream count. A failed item gets its exception in place of a result."""
+        self._require()
+        results: list[GenerationResult | Exception | None] = [None] * len(requests)
+        jobs: list[PromptJob] = []
+        for index, request in enumerate(requests):
+            try:
+                jobs.append(self._prompt_job(index, request))
+            except Exception as exc:  # an item that cannot be prepared fails alone
+                results[index] = exc
+        for job in jobs:
+            if job.max_new <= 0:
+                results[job.index] = GenerationResult("", len(job.prompt), 0, None, 0.0,
+                                                      extra={"stop_reason": "length"})
+        jobs = [job for job in jobs if job.max_new > 0]
+        if jobs:
+            streams = self._generation_streams(max(len(job.prompt) + job.max_new for job in jobs))
+            for index, result in generate_in_streams(
+                    streams, jobs, piece=self._piece, min_tokens=self._min_decode, max_tokens=self.n_batch,
+                    max_rows=self.n_outputs_max):
+                results[index] = result
+        return [r if r is not None else LlmlabError("no reply") for r in results]
+
+    def _prompt_job(self, index: int, request: GenerationRequest) -> PromptJob:
+        """The request's prompt tokens, left-truncated so prompt and reply fit the context."""
         prompt = self.tokenize(request.prompt) or [self._prefix_token]
         max_new = min(request.max_new_tokens, self.n_ctx - 1)
-        if max_new <= 0:
-            return GenerationResult("", len(prompt), 0, None, time.perf_counter() - t0)
-        prompt = prompt[-(self.n_ctx - max_new) :]
-        keep = self._keep_prefix(prompt, max(0, len(prompt) - self._min_decode))
-        nxt: list[int] = []
+        if max_new > 0:
+            prompt = prompt[-(self.n_ctx - max_new) :]
+        return PromptJob(index, prompt, max_new, [s for s in request.stop if s])
 
-        def pick(_pos: int, row: np.ndarray) -> None:
-            nxt.append(int(np.argmax(row)))
+    def _piece(self, token: int) -> bytes | None:
+        """A generated token's bytes; None for an end-of-generation token."""
+        return None if self._lib.llama_vocab_is_eog(self._vocab, token) else self.token_bytes(token)
 
-        self._decode(prompt[keep:], [len(prompt) - 1], pick)
-        ttft = time.perf_counter() - t0
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        stops = [s for s in request.stop if s]
-        longest = max((len(s) for s in stops), default=0)
-        text, n_gen, reason = "", 0, "length"
-        while True:
-            token = nxt.pop()
-            if lib.llama_vocab_is_eog(self._vocab, token):
-                reason = "eos"
-                break
-            n_gen += 1
-            scan_from = max(0, len(text) - longest + 1)
-            text += decoder.decode(self.token_bytes(token))
-            cut = find_stop(text, stops, scan_from)
-            if cut is not None:
-                text, reason = text[:cut], "stop"
-                break
-            if n_gen >= max_new:
-                break
-            if len(self._cached) >= self.n_ctx:
-                reason = "context"
-                break
-            self._decode([token], [len(self._cached)], pick)
-        # bytes of a character cut off by max_new_tokens stay in the decoder and are dropped
-        return GenerationResult(
-            text=text,
-            prompt_tokens=len(prompt),
-            completion_tokens=n_gen,
-            ttft_s=ttft,
-            total_s=time.perf_counter() - t0,
-            evaluated_tokens=len(prompt) - keep,
-            extra={"stop_reason": reason, "reused_prompt_tokens": keep},
-        )
+    def _generation_streams(self, longest: int) -> LlamaStreams:
+        """``parallel`` streams (1 for --parallel-sequences 1) of at least ``longest`` cells, at most n_ctx each."""
+        cells = min(self.n_ctx, -(-longest // _STREAM_CELLS_STEP) * _STREAM_CELLS_STEP)
+        streams = self._streams
+        if streams is None or streams.cells < cells or streams.n_streams != self.parallel:
+            if streams is not None:
+                streams.close()
+                self._streams = None
+            self._streams = LlamaStreams(self._lib, self._model, self._context_params(self.n_ctx),
+                                         n_streams=self.parallel, cells=max(cells, _STREAM_MIN_CELLS),
+                                         n_vocab=self.n_vocab, min_decode=self._min_decode,
+                                         describe_error=_last_llama_error)
+        return self._streams
 
     # --- speed probes ------------------------------------------------------------------------------
 
@@ -599,6 +609,11 @@ class LlamaCppProvider(Provider):
         return elapsed
 
     # --- info --------------------------------------------------------------------------------
+
+    @property  # type: ignore[override]
+    def generation_items_per_call(self) -> int:
+        """Prompts per generate_batch() call: enough for eight refills of every stream."""
+        return 8 * self.parallel if self.parallel > 1 else 1
 
     @property  # type: ignore[override]
     def loglik_items_per_call(self) -> int:

@@ -156,10 +156,14 @@ class LlamaStreams:
             decoded = shared - keep
         for s in lacking:
             if s != source:
-                self._lib.llama_memory_seq_cp(self._mem, source, s, -1, -1)  # the whole stream's buffer
-                self._lib.llama_memory_seq_rm(self._mem, s, shared, -1)
-                self.cached[s] = self.cached[source][:shared]
+                self.copy_prefix(source, s, shared)
         return decoded
+
+    def copy_prefix(self, source: int, target: int, n_tokens: int) -> None:
+        """Make ``target`` hold the first ``n_tokens`` of what ``source`` holds (its cells copied, not decoded)."""
+        self._lib.llama_memory_seq_cp(self._mem, source, target, -1, -1)  # the whole stream's buffer
+        self._lib.llama_memory_seq_rm(self._mem, target, n_tokens, -1)
+        self.cached[target] = self.cached[source][:n_tokens]
 
     def run(self, jobs: Sequence[StreamJob]) -> None:
         """Decode ``jobs``: several jobs (neighbouring streams, the same token count each) in one call; a single

@@ -168,6 +168,7 @@ def make_provider(spec: Any, settings: Any) -> OllamaProvider:
         gpu_layers=settings.gpu_layers,
         seed=settings.seed,
         request_timeout=settings.request_timeout,
+        concurrency=settings.concurrency,
     )
 
 
@@ -176,12 +177,14 @@ class OllamaProvider(Provider):
 
     backend = "ollama"
     supports_loglikelihood = False
-    max_concurrency = 1  # one request at a time: latencies stay comparable with the in-process backends
 
     def __init__(self, tag: str, name: str | None = None, *, host: str | None = None, threads: int | None = None,
                  gpu_layers: int = 0, seed: int = 1234, request_timeout: float = 60.0,
-                 keep_alive: str | float = KEEP_ALIVE, num_ctx: int | None = None) -> None:
+                 keep_alive: str | float = KEEP_ALIVE, num_ctx: int | None = None, concurrency: int = 1) -> None:
         self.tag = tag
+        # requests in flight (--concurrency): a server with parallel slots (OLLAMA_NUM_PARALLEL) serves them side by
+        # side; one with a single slot queues them, and each item's latency then includes its wait
+        self.max_concurrency = max(1, int(concurrency))
         self.name = name or f"ollama:{tag}"
         self.host = host
         self.url = resolve_host(host)

@@ -30,7 +30,8 @@ from llmlab_fixtures.providers.base import (
 )
 from llmlab_fixtures.providers.gguf_conversion import GgufConversion, conversion_cache_enabled
 from llmlab_fixtures.providers.token_tree import PackedTree, pack_tree
-from llmlab_fixtures.providers.tokens import common_prefix_length, find_stop, probe_tokens, split_context
+from llmlab_fixtures.providers.tokens import common_prefix_length, probe_tokens, split_context
+from llmlab_fixtures.providers.transformers_generation import RowReply, generate_rows
 from llmlab_fixtures.providers.tree_attention import TREE_BLOCKS_KWARG, install_tree_attention, plan_blocks, tree_mask
 
 INSTALL_HINT = "pip install transformers gguf accelerate"
@@ -351,59 +352,26 @@ def _score_continuations(logits: Any, spans: Sequence[Sequence[int]], targets: S
 
 
 class _GenerationWatch:
-    """A StoppingCriteria: timestamps the first new token, stops rows at EOG, a stop string or their own limit."""
+    """A StoppingCriteria for generate() on a padded batch: timestamps the first new token and ends each row's
+    RowReply (EOG, a stop string or its own limit)."""
 
     def __init__(self, tokenizer: Any, prompt_len: int, requests: Sequence[GenerationRequest],
                  eog_ids: set[int]) -> None:
-        self.tokenizer = tokenizer
         self.prompt_len = prompt_len
-        self.stops = [[s for s in req.stop if s] for req in requests]
-        self.limits = [req.max_new_tokens for req in requests]
-        self.eog_ids = eog_ids
-        n = len(requests)
         self.first_token_at: float | None = None
-        self.done = [False] * n
-        self.n_tokens = [0] * n  # completion tokens counted for each finished row
-        self.reason = ["length"] * n
-        self.text: list[str | None] = [None] * n
-        self._scanned = [0] * n  # characters already searched for stop strings
+        self.replies = [RowReply([s for s in req.stop if s], req.max_new_tokens, eog_ids,
+                                 lambda tokens: tokenizer.decode(list(tokens), skip_special_tokens=True))
+                        for req in requests]
 
     def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
         import torch
 
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
-        n_new = input_ids.shape[1] - self.prompt_len
-        for row in range(input_ids.shape[0]):
-            if not self.done[row]:
-                self._check_row(row, input_ids[row, self.prompt_len :].tolist(), n_new)
-        return torch.tensor(self.done, dtype=torch.bool, device=input_ids.device)
-
-    def _check_row(self, row: int, new: list[int], n_new: int) -> None:
-        if new[-1] in self.eog_ids:
-            self._finish(row, n_new - 1, "eos", self.decode(new[:-1]))
-            return
-        stops = self.stops[row]
-        if stops:
-            text = self.decode(new)
-            longest = max(len(s) for s in stops)
-            start = max(0, self._scanned[row] - longest - 3)  # the tail may change as UTF-8 bytes complete
-            cut = find_stop(text, stops, start)
-            self._scanned[row] = len(text)
-            if cut is not None:
-                self._finish(row, n_new, "stop", text[:cut])
-                return
-        if n_new >= self.limits[row]:
-            self._finish(row, n_new, "length", None)
-
-    def _finish(self, row: int, n_tokens: int, reason: str, text: str | None) -> None:
-        self.done[row] = True
-        self.n_tokens[row] = n_tokens
-        self.reason[row] = reason
-        self.text[row] = text
-
-    def decode(self, tokens: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(tokens), skip_special_tokens=True)
+        for row, reply in enumerate(self.replies):
+            if reply.reason is None:
+                reply.add(int(input_ids[row, -1]))
+        return torch.tensor([r.reason is not None for r in self.replies], dtype=torch.bool, device=input_ids.device)
 
 
 class TransformersProvider(Provider):
@@ -412,7 +380,8 @@ class TransformersProvider(Provider):
     backend = "transformers"
     supports_loglikelihood = True
     loglik_items_per_call = 64  # items per loglikelihood() call: their requests are packed as token trees
-    generation_items_per_call = 8  # prompts per generate_batch() call: each new token is one batched step
+    generation_rows = 8  # prompts generated side by side (32 on a GPU): each new token is one batched step
+    generation_items_per_call = 32  # prompts per generate_batch() call (rows are refilled within a call)
 
     def __init__(
         self,
@@ -455,6 +424,7 @@ class TransformersProvider(Provider):
         self._attention = "sdpa"  # the model's attention implementation (the packed mask's form depends on it)
         self.tree_blocks = True  # SDPA over blocks of a packed tree instead of one masked pass (tree_attention)
         self._conversion_state: str | None = None  # GGUF sources: "converted now" or "loaded saved"
+        self._continuous = True  # rows refilled as replies end (transformers_generation); else left-padded batches
 
     # --- lifecycle -------------------------------------------------------------------------------------
 
@@ -481,7 +451,7 @@ class TransformersProvider(Provider):
         arch = self.metadata.get("architecture") or self.metadata.get("model_type")
         self.device = resolve_device(self.requested_device)
         if not self.device.startswith("cpu"):
-            self.generation_items_per_call = 32
+            self.generation_rows, self.generation_items_per_call = 32, 128
         self.dtype = choose_dtype(self.device, arch) if self.requested_dtype in ("auto", None) \
             else getattr(torch, self.requested_dtype)
         if self.threads:
@@ -576,7 +546,8 @@ class TransformersProvider(Provider):
         if "cache" in inspect.signature(self._model.forward).parameters:
             self._cache_kwarg = "cache"
         self._attention = getattr(self._model.config, "_attn_implementation", None) or "eager"
-        if _has_sliding_window(self._model.config) or self._attention not in ("sdpa", "eager"):
+        self._continuous = not _has_sliding_window(self._model.config) and self._attention in ("sdpa", "eager")
+        if not self._continuous:
             self.share_prefix = False  # a sliding-window cache cannot be cut back; other kernels take no tree mask
         if self._attention == "sdpa":
             install_tree_attention()
@@ -932,16 +903,51 @@ class TransformersProvider(Provider):
         return self.generate_batch([request])[0]
 
     def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        """Greedy decoding of several prompts in one left-padded batch; each stops at EOG, a stop string or its limit.
+        """Greedy decoding, ``generation_rows`` prompts at a time; each stops at EOG, a stop string or its limit.
 
-        Time to first token and total time are the batch's (every row gets the same figures).
-        """
+        Each prompt is prefilled alone and its row takes the next prompt as soon as its reply ends
+        (transformers_generation); models whose attention cannot take that cache (sliding windows, other kernels)
+        generate in left-padded batches instead. Times run from when an item's prompt took its row."""
         self._require()
         active = [i for i, r in enumerate(requests) if r.max_new_tokens > 0]
-        generated = dict(zip(active, self._generate_rows([requests[i] for i in active]))) if active else {}
+        generated: dict[int, GenerationResult] = {}
+        if active and self._continuous:
+            generated.update(zip(active, self._generate_continuously([requests[i] for i in active])))
+        elif active:
+            for start in range(0, len(active), self.generation_rows):
+                chunk = active[start : start + self.generation_rows]
+                generated.update(zip(chunk, self._generate_rows([requests[i] for i in chunk])))
         return [generated.get(i) or GenerationResult("", len(self.tokenize(r.prompt)), 0, None, 0.0,
                                                      extra={"stop_reason": "length"})
                 for i, r in enumerate(requests)]
+
+    def _generation_prompt(self, request: GenerationRequest, max_new: int) -> list[int]:
+        """The request's prompt tokens, left-truncated so the prompt and ``max_new`` tokens fit the context."""
+        tokens = self.tokenize(request.prompt) or [self._prefix_token]
+        return tokens[-(self.max_length - max_new) :]
+
+    def _generate_continuously(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        import torch
+
+        prompts = []
+        for index, request in enumerate(requests):
+            max_new = max(1, min(request.max_new_tokens, self.max_length - 1))
+            reply = RowReply([s for s in request.stop if s], max_new, self.eog_ids,
+                             lambda tokens: self._tokenizer.decode(list(tokens), skip_special_tokens=True))
+            prompts.append((index, self._generation_prompt(request, max_new), reply))
+        capacity = max(len(prompt) + reply.limit for _, prompt, reply in prompts) + 1
+        mask_dtype = torch.bool if self._attention == "sdpa" else self.dtype
+        results: list[GenerationResult | None] = [None] * len(requests)
+        with torch.inference_mode():  # the cache's tensors are inference tensors: rows are copied in this mode too
+            for index, result in generate_rows(self._forward_rows, prompts, rows=self.generation_rows,
+                                               capacity=capacity, device=self.device, mask_dtype=mask_dtype):
+                results[index] = result
+        return [r for r in results if r is not None]
+
+    def _forward_rows(self, ids: Any, positions: Any, mask: Any, cache: Any) -> Any:
+        """One forward pass through a SlotCache: logits of each row's last position."""
+        return self._model(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=True,
+                           logits_to_keep=1, **{self._cache_kwarg: cache}).logits
 
     def _generate_rows(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         import torch
@@ -949,10 +955,7 @@ class TransformersProvider(Provider):
 
         started = time.perf_counter()
         max_new = max(1, min(max(r.max_new_tokens for r in requests), self.max_length - 1))
-        prompts = []
-        for req in requests:
-            tokens = self.tokenize(req.prompt) or [self._prefix_token]
-            prompts.append(tokens[-(self.max_length - max_new) :])
+        prompts = [self._generation_prompt(req, max_new) for req in requests]
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -970,13 +973,11 @@ class TransformersProvider(Provider):
         ttft = None if watch.first_token_at is None else watch.first_token_at - started
         results = []
         for b, req in enumerate(limited):
-            new = output[b, width:].tolist()
-            if watch.done[b]:
-                n_tokens, reason, text = watch.n_tokens[b], watch.reason[b], watch.text[b]
-            else:  # the batch ended at max_new_tokens before this row's watch saw it finish
-                n_tokens, reason, text = min(len(new), req.max_new_tokens), "length", None
-            if text is None:
-                text = watch.decode(new[:n_tokens])
+            reply = watch.replies[b]
+            if reply.reason is None:  # the batch ended at max_new_tokens before this row's watch saw it finish
+                reply.n_tokens, reply.reason = min(len(output[b]) - width, req.max_new_tokens), "length"
+                reply.text = reply.decode(output[b, width : width + reply.n_tokens].tolist())
+            n_tokens, reason, text = reply.n_tokens, reply.reason, reply.text
             results.append(GenerationResult(
                 text=text,
                 prompt_tokens=len(prompts[b]),

@@ -683,6 +683,8 @@ class OllamaServer:
         self.faults = _Faults()
         self._log = log
         self._log_lock = threading.Lock()
+        self._in_flight = 0
+        self.peak_in_flight = 0  # the most generate/chat requests open at once (waiting for a slot included)
         self._http: _HTTPServer | None = None
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
@@ -906,7 +908,20 @@ class OllamaServer:
 
     def api_generate(self, handler: _Handler, body: bytes, reply: _Reply) -> None:
         started = time.perf_counter()
-        self._generate(handler, _parse_request(body, "GenerateRequest"), reply, started)
+        with self._counted():
+            self._generate(handler, _parse_request(body, "GenerateRequest"), reply, started)
+
+    @contextlib.contextmanager
+    def _counted(self) -> Iterator[None]:
+        """Count a request as open while it runs (``peak_in_flight``)."""
+        with self._log_lock:
+            self._in_flight += 1
+            self.peak_in_flight = max(self.peak_in_flight, self._in_flight)
+        try:
+            yield
+        finally:
+            with self._log_lock:
+                self._in_flight -= 1
 
     def _generate(self, handler: _Handler, request: Mapping[str, Any], reply: _Reply, started: float) -> None:
         """Answer a generate request (from /api/generate, or /v1/completions translated)."""
