@@ -400,8 +400,6 @@ class LlamaCppProvider(Provider):
         self._cached = []
         if self._streams is not None:
             self._streams.clear()
-        if self._streams is not None:
-            self._streams.clear()
 
     def _keep_prefix(self, tokens: Sequence[int], limit: int) -> int:
         """Cut the cache back to its common prefix with ``tokens`` (at most ``limit``); return what was kept."""
@@ -564,17 +562,20 @@ class LlamaCppProvider(Provider):
         return None if self._lib.llama_vocab_is_eog(self._vocab, token) else self.token_bytes(token)
 
     def _generation_streams(self, longest: int) -> LlamaStreams:
-        """``parallel`` streams (1 for --parallel-sequences 1) of at least ``longest`` cells, at most n_ctx each."""
-        cells = min(self.n_ctx, -(-longest // _STREAM_CELLS_STEP) * _STREAM_CELLS_STEP)
+        """Streams of at least ``longest`` cells (at most n_ctx each): ``parallel`` of them, fewer where they would
+        hold more than n_ctx cells in all (the KV-cache memory estimate_memory counts); 1 for --parallel-sequences 1.
+        Fewer streams change the speed, never the replies."""
+        cells = max(min(self.n_ctx, _STREAM_MIN_CELLS), min(self.n_ctx, -(-longest // _STREAM_CELLS_STEP)
+                                                             * _STREAM_CELLS_STEP))
+        n_streams = max(1, min(self.parallel, self.n_ctx // cells))
         streams = self._streams
-        if streams is None or streams.cells < cells or streams.n_streams != self.parallel:
+        if streams is None or streams.cells < cells or streams.n_streams != n_streams:
             if streams is not None:
                 streams.close()
                 self._streams = None
             self._streams = LlamaStreams(self._lib, self._model, self._context_params(self.n_ctx),
-                                         n_streams=self.parallel, cells=max(cells, _STREAM_MIN_CELLS),
-                                         n_vocab=self.n_vocab, min_decode=self._min_decode,
-                                         describe_error=_last_llama_error)
+                                         n_streams=n_streams, cells=cells, n_vocab=self.n_vocab,
+                                         min_decode=self._min_decode, describe_error=_last_llama_error)
         return self._streams
 
     # --- speed probes ------------------------------------------------------------------------------
