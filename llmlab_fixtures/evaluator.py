@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -224,56 +225,50 @@ class _WindowItem:
 
     job: Job
     prompt: ItemPrompt | None
-    done: Scored | Generated | None = None
+    done: Scored | None = None  # log-likelihood results and latency, from a call that ran several items
 
     @property
     def length(self) -> int:
         """Characters of the item's longest request (a stand-in for its tokens)."""
         if self.prompt is None:
             return 0
-        if self.prompt.generation is not None:
-            return len(self.prompt.generation.prompt)
         return max((len(r.context) + len(r.continuation) for r in self.prompt.loglik or ()), default=0)
 
 
 def _run_window(provider: Provider, pending: Sequence[_WindowItem]) -> None:
-    """One provider call for every pending item (their log-likelihood requests, or a batch of generations). A
-    log-likelihood item's latency is an even share of the call's time, a generation's its own time in the batch
-    (an item that failed alone keeps its exception). A failed call leaves each item to run on its own."""
-    prompts = [w.prompt for w in pending if w.prompt is not None]
-    loglik = [p.loglik for p in prompts if p.loglik is not None]
-    generations = [p.generation for p in prompts if p.generation is not None]
-    sizes = [len(requests) for requests in loglik] if loglik else [1] * len(generations)
-    if len(sizes) != len(pending):
+    """One loglikelihood() call for every pending item's requests; each item gets its results and an even share of
+    the call's time. A failed call leaves each item to run on its own."""
+    requests = [p.loglik for w in pending if (p := w.prompt) is not None and p.loglik is not None]
+    if len(requests) != len(pending):
         return
     try:
         started = time.perf_counter()
-        results: list[Any] = provider.loglikelihood([r for requests in loglik for r in requests]) if loglik \
-            else provider.generate_batch(generations)
+        results = provider.loglikelihood([r for item in requests for r in item])
         share = (time.perf_counter() - started) / len(pending)
     except Exception:
         return
-    if len(results) != sum(sizes):
+    if len(results) != sum(len(item) for item in requests):
         return
     offset = 0
-    for w, n in zip(pending, sizes):
-        if loglik:
-            w.done = (results[offset : offset + n], share)
-        else:  # a generation's own time: from when its prompt took a row (or stream) until its reply ended
-            result = results[offset]
-            w.done = (result, share if isinstance(result, Exception) else result.total_s)
-        offset += n
+    for w, item in zip(pending, requests):
+        w.done = (results[offset : offset + len(item)], share)
+        offset += len(item)
+
+
+def _to_score(task: TaskDefinition, items: Sequence[_WindowItem], cache: ItemCache | None) -> list[int]:
+    """Positions of the items the model must run: a prompt was built and no checkpoint holds the item."""
+    return [n for n, w in enumerate(items) if w.prompt is not None and (
+        cache is None or not cache.has(w.job[2].item_id, w.prompt.digest(task)))]
 
 
 def _score_window(task: TaskDefinition, provider: Provider, mode: str, window: Sequence[_WindowItem], *, seed: int,
                   cache: ItemCache | None) -> list[ItemRecord]:
-    """Score several items with one provider call (a backend that batches across items).
+    """Score several items' log-likelihoods with one provider call (a backend that batches across items).
 
     Checkpointed items are taken as they were; if the shared call fails, each item is scored on its own, so a
     failure stays with the item that caused it. Each item's latency is the call's time shared out evenly.
     """
-    pending = [w for w in window if w.prompt is not None and (
-        cache is None or not cache.has(w.job[2].item_id, w.prompt.digest(task)))]
+    pending = [window[n] for n in _to_score(task, window, cache)]
     if len(pending) > 1:
         _run_window(provider, pending)
     return [_score_item(task, provider, mode, *w.job, seed=seed, cache=cache,
@@ -291,20 +286,26 @@ def _windows(jobs: Iterable[T], size: int) -> Iterator[list[T]]:
         yield window
 
 
+def _window_items(task: TaskDefinition, mode: str, jobs: Sequence[Job], seed: int) -> list[_WindowItem]:
+    """Each job with its prompt (None where building it failed: _score_item records the error)."""
+    items = []
+    for job in jobs:
+        doc, exemplars, record = job
+        try:
+            prompt: ItemPrompt | None = item_prompt(task, mode, doc, exemplars, record.item_id, seed)
+        except Exception:
+            prompt = None
+        items.append(_WindowItem(job, prompt))
+    return items
+
+
 def _scored_in_windows(task: TaskDefinition, provider: Provider, mode: str, jobs: Iterable[Job], size: int, *,
                        seed: int, cache: ItemCache | None) -> Iterator[list[ItemRecord]]:
-    """Score items ``size`` per provider call; yields each block's records together, in job order. Each block of a
-    few windows is sorted by group (an MMLU subject shares its few-shot block) and length, so a call's padded batch
-    wastes little."""
+    """Score log-likelihood items ``size`` per provider call; yields each block's records together, in job order.
+    Each block of a few windows is sorted by group (an MMLU subject shares its few-shot block) and length, so a
+    call's padded batch wastes little."""
     for block in _windows(jobs, size * _LOOKAHEAD):
-        items = []
-        for job in block:
-            doc, exemplars, record = job
-            try:
-                prompt: ItemPrompt | None = item_prompt(task, mode, doc, exemplars, record.item_id, seed)
-            except Exception:
-                prompt = None  # _score_item records the error
-            items.append(_WindowItem(job, prompt))
+        items = _window_items(task, mode, block, seed)
         order = sorted(range(len(items)), key=lambda i: (items[i].job[2].group or "", -items[i].length))
         records: list[ItemRecord | None] = [None] * len(items)
         for chunk in _windows(order, size):
@@ -312,6 +313,51 @@ def _scored_in_windows(task: TaskDefinition, provider: Provider, mode: str, jobs
                                                       cache=cache)):
                 records[i] = record
         yield [r for r in records if r is not None]
+
+
+def _generated_in_windows(task: TaskDefinition, provider: Provider, mode: str, jobs: Iterable[Job], size: int, *,
+                          seed: int, cache: ItemCache | None) -> Iterator[list[ItemRecord]]:
+    """Generate items ``size`` per generate_stream() call (see _generate_window)."""
+    for window in _windows(jobs, size):
+        yield from _generate_window(task, provider, mode, _window_items(task, mode, window, seed), seed=seed,
+                                    cache=cache)
+
+
+def _generate_window(task: TaskDefinition, provider: Provider, mode: str, items: Sequence[_WindowItem], *,
+                     seed: int, cache: ItemCache | None) -> Iterator[list[ItemRecord]]:
+    """One generate_stream() call for the items that need the model. Each reply is scored, and so checkpointed, the
+    moment the provider yields it (a kill loses only replies still being generated); records are yielded in job
+    order as soon as every earlier one is done. If the call fails, what it has not answered runs one at a time."""
+    pending = _to_score(task, items, cache)
+    waiting = set(pending)
+    records: dict[int, ItemRecord] = {}
+    next_out = 0
+
+    def ready() -> list[ItemRecord]:
+        """Records from ``next_out`` on that are done; items that need no model call are scored here."""
+        nonlocal next_out
+        out = []
+        while next_out < len(items) and next_out not in waiting:
+            w = items[next_out]
+            out.append(records.pop(next_out, None) or _score_item(
+                task, provider, mode, *w.job, seed=seed, cache=cache,
+                prepared=(w.prompt, None) if w.prompt is not None else None))
+            next_out += 1
+        return out
+
+    requests = [p.generation for n in pending if (p := items[n].prompt) is not None and p.generation is not None]
+    with contextlib.suppress(Exception):  # the call failed: what it did not answer is scored one at a time
+        for i, result in provider.generate_stream(requests):
+            n = pending[i]
+            latency = 0.0 if isinstance(result, Exception) else result.total_s  # its own time in the batch
+            records[n] = _score_item(task, provider, mode, *items[n].job, seed=seed, cache=cache,
+                                     prepared=(items[n].prompt, (result, latency)))  # type: ignore[arg-type]
+            waiting.discard(n)
+            if done := ready():
+                yield done
+    waiting.clear()
+    if done := ready():
+        yield done
 
 
 def _in_order(function: Callable[[T], R], jobs: Iterable[T], concurrency: int) -> Iterator[R]:
@@ -390,8 +436,10 @@ def evaluate(
         window = max(1, provider.loglik_items_per_call if mode == "loglik" else provider.generation_items_per_call)
         if window == 1:
             yield from ([record] for record in _in_order(score, jobs(), provider.max_concurrency))
-            return
-        yield from _scored_in_windows(task, provider, mode, jobs(), window, seed=seed, cache=cache)
+        elif mode == "loglik":
+            yield from _scored_in_windows(task, provider, mode, jobs(), window, seed=seed, cache=cache)
+        else:
+            yield from _generated_in_windows(task, provider, mode, jobs(), window, seed=seed, cache=cache)
 
     items: list[ItemRecord] = []
     metrics, totals = MetricTally(task, mode), ItemTotals()

@@ -181,3 +181,41 @@ def test_sigkill_at_random_points_then_resume_loses_and_duplicates_nothing(bench
     assert summaries[0]["n_items"] == summaries[1]["n_items"] == N_ITEMS
     assert 0 < summaries[0]["n_resumed"] < N_ITEMS  # the final run resumed the killed runs' items, then finished
     assert f"{N_ITEMS}/{N_ITEMS} items ({summaries[0]['n_resumed']} from the checkpoint)" in done.stdout  # progress
+
+
+def test_a_kill_in_the_middle_of_a_generation_batch_loses_only_replies_in_progress(
+        bench_pytester: pytest.Pytester, data_dir: Path, tmp_path: Path) -> None:
+    """GSM8K on four llama.cpp streams, all ten items in one generate_stream() call: replies are checkpointed as
+    they end, so a SIGKILL while other streams are still generating keeps the finished ones, and the same command
+    resumes to the results of an uninterrupted run."""
+    bench = bench_pytester.path
+
+    def command(checkpoint: Path, out: Path) -> list[str]:
+        return [sys.executable, "-m", "pytest", str(bench), "-k", "gsm8k", "--models=local:smollm2-135m",
+                "--limit=10", "--num-fewshot=1", "--parallel-sequences=4", f"--data-dir={data_dir}",
+                f"--checkpoint={checkpoint}", f"--output-dir={out}", "-p", "no:cacheprovider", "-q"]
+
+    reference = tmp_path / "reference"
+    done = subprocess.run(command(tmp_path / "ref.sqlite", reference), cwd=bench, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:]
+    checkpoint = tmp_path / "killed.sqlite"
+    child = subprocess.Popen(command(checkpoint, tmp_path / "killed"), cwd=bench, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 600
+    while _saved_items(checkpoint) < 2 and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.killpg(child.pid, signal.SIGKILL)
+    child.wait(30)
+    saved = _saved_items(checkpoint)
+    assert child.returncode == -signal.SIGKILL and 2 <= saved < 10, (child.returncode, saved)
+
+    final = tmp_path / "final"
+    done = subprocess.run(command(checkpoint, final), cwd=bench, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:]
+    resumed_items, reference_items = _comparable(final / "items.jsonl"), _comparable(reference / "items.jsonl")
+    assert [i["item_id"] for i in resumed_items] == [i["item_id"] for i in reference_items]  # 0 lost, 0 twice
+    assert resumed_items == reference_items
+    summary = json.loads((final / "results.json").read_text())["summary"][0]
+    assert summary["n_resumed"] == saved
+    print(f"\nkilled with {saved}/10 replies checkpointed; resumed to the uninterrupted run's results")

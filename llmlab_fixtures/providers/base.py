@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from llmlab_fixtures.errors import LlmlabError
 
 
 @dataclass(frozen=True)
@@ -89,16 +91,23 @@ class Provider(ABC):
     def generate(self, request: GenerationRequest) -> GenerationResult:
         """Greedy generation; streams internally to time the first token."""
 
-    def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult | Exception]:
-        """Greedy generation of several prompts (one after another unless the backend batches them); an item that
-        fails alone gets its exception in place of a result. Each result's ``ttft_s`` and ``total_s`` run from when
-        its own prompt started (under batching: took a row or stream), so they never exceed the call."""
-        results: list[GenerationResult | Exception] = []
-        for request in requests:
+    def generate_stream(self, requests: Sequence[GenerationRequest]
+                        ) -> Iterator[tuple[int, GenerationResult | Exception]]:
+        """Greedy generation of several prompts, yielded as each reply ends: (request index, result), an item that
+        failed alone with its exception in place of a result. Backends that batch generate several at once, so
+        replies may end out of order; each result's ``ttft_s`` and ``total_s`` run from when its own prompt started
+        (took a row or stream), so they never exceed the call. Here: one after another."""
+        for index, request in enumerate(requests):
             try:
-                results.append(self.generate(request))
+                yield index, self.generate(request)
             except Exception as exc:
-                results.append(exc)
+                yield index, exc
+
+    def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult | Exception]:
+        """generate_stream's results in request order."""
+        results: list[GenerationResult | Exception] = [LlmlabError("no reply")] * len(requests)
+        for index, result in self.generate_stream(requests):
+            results[index] = result
         return results
 
     def loglikelihood(self, requests: Sequence[LoglikelihoodRequest]) -> list[LoglikelihoodResult]:

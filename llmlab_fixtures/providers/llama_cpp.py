@@ -7,7 +7,7 @@ import ctypes
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import groupby
 from pathlib import Path
@@ -77,6 +77,11 @@ def _last_llama_error() -> str:
         if "error" in line.lower():
             return f" (llama.cpp: {line})"
     return ""
+
+
+def _round_cells(tokens: int) -> int:
+    """``tokens`` rounded up to a whole number of stream-size steps."""
+    return -(-tokens // _STREAM_CELLS_STEP) * _STREAM_CELLS_STEP
 
 
 def _log_normalizer(row: np.ndarray) -> tuple[float, int]:
@@ -304,22 +309,26 @@ class LlamaCppProvider(Provider):
     def _streams_for(self, longest: int) -> LlamaStreams | None:
         """``parallel`` KV-cache streams that each hold ``longest`` tokens (made, or remade larger, on first need);
         None when they would need more cells than the main context has."""
-        needed = -(-longest // _STREAM_CELLS_STEP) * _STREAM_CELLS_STEP
+        needed = _round_cells(longest)
         if self.parallel * needed > self.n_ctx:
             return None
-        cells = max(needed, min(_STREAM_MIN_CELLS, self.n_ctx // self.parallel))
-        if self._streams is None or self._streams.cells < cells or self._streams.n_streams != self.parallel:
-            if self._streams is not None:
-                self._streams.close()
+        try:
+            return self._open_streams(self.parallel, max(needed, min(_STREAM_MIN_CELLS, self.n_ctx // self.parallel)))
+        except LlmlabError as exc:  # e.g. no memory for a second KV cache: one item at a time, same scores
+            self.parallel = 1
+            self.notice = f"{exc}; scoring one item at a time"
+            return None
+
+    def _open_streams(self, n_streams: int, cells: int) -> LlamaStreams:
+        """The provider's streams context with ``n_streams`` streams of at least ``cells`` cells (remade if not)."""
+        streams = self._streams
+        if streams is None or streams.cells < cells or streams.n_streams != n_streams:
+            if streams is not None:
+                streams.close()
                 self._streams = None
-            try:
-                self._streams = LlamaStreams(self._lib, self._model, self._context_params(self.n_ctx),
-                                             n_streams=self.parallel, cells=cells, n_vocab=self.n_vocab,
-                                             min_decode=self._min_decode, describe_error=_last_llama_error)
-            except LlmlabError as exc:  # e.g. no memory for a second KV cache: one item at a time, same scores
-                self.parallel = 1
-                self.notice = f"{exc}; scoring one item at a time"
-                return None
+            self._streams = LlamaStreams(self._lib, self._model, self._context_params(self.n_ctx),
+                                         n_streams=n_streams, cells=cells, n_vocab=self.n_vocab,
+                                         min_decode=self._min_decode, describe_error=_last_llama_error)
         return self._streams
 
     def close(self) -> None:
@@ -518,36 +527,33 @@ class LlamaCppProvider(Provider):
     # --- generation --------------------------------------------------------------------------
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
-        """Greedy decoding of one prompt (a batch of one; see generate_batch)."""
+        """Greedy decoding of one prompt (a batch of one; see generate_stream)."""
         result = self.generate_batch([request])[0]
         if isinstance(result, Exception):
             raise result
         return result
 
-    def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult | Exception]:
-        """Greedy decoding, ``parallel`` prompts side by side in KV-cache streams (llama_generation): each stops at
-        end-of-generation, its first stop string or max_new_tokens, and its stream takes the next prompt at once.
-        Replies are the same for any stream count. A failed item gets its exception in place of a result."""
+    def generate_stream(self, requests: Sequence[GenerationRequest]
+                        ) -> Iterator[tuple[int, GenerationResult | Exception]]:
+        """Greedy decoding, ``parallel`` prompts side by side in KV-cache streams (llama_generation), yielded as each
+        reply ends: each stops at end-of-generation, its first stop string or max_new_tokens, and its stream takes the
+        next prompt at once. Replies are the same for any stream count. A failed item yields its exception."""
         self._require()
-        results: list[GenerationResult | Exception | None] = [None] * len(requests)
         jobs: list[PromptJob] = []
         for index, request in enumerate(requests):
             try:
-                jobs.append(self._prompt_job(index, request))
+                job = self._prompt_job(index, request)
             except Exception as exc:  # an item that cannot be prepared fails alone
-                results[index] = exc
-        for job in jobs:
-            if job.max_new <= 0:
-                results[job.index] = GenerationResult("", len(job.prompt), 0, None, 0.0,
-                                                      extra={"stop_reason": "length"})
-        jobs = [job for job in jobs if job.max_new > 0]
+                yield index, exc
+                continue
+            if job.max_new > 0:
+                jobs.append(job)
+            else:
+                yield index, GenerationResult("", len(job.prompt), 0, None, 0.0, extra={"stop_reason": "length"})
         if jobs:
             streams = self._generation_streams(max(len(job.prompt) + job.max_new for job in jobs))
-            for index, result in generate_in_streams(
-                    streams, jobs, piece=self._piece, min_tokens=self._min_decode, max_tokens=self.n_batch,
-                    max_rows=self.n_outputs_max):
-                results[index] = result
-        return [r if r is not None else LlmlabError("no reply") for r in results]
+            yield from generate_in_streams(streams, jobs, piece=self._piece, min_tokens=self._min_decode,
+                                           max_tokens=self.n_batch, max_rows=self.n_outputs_max)
 
     def _prompt_job(self, index: int, request: GenerationRequest) -> PromptJob:
         """The request's prompt tokens, left-truncated so prompt and reply fit the context."""
@@ -565,18 +571,8 @@ class LlamaCppProvider(Provider):
         """Streams of at least ``longest`` cells (at most n_ctx each): ``parallel`` of them, fewer where they would
         hold more than n_ctx cells in all (the KV-cache memory estimate_memory counts); 1 for --parallel-sequences 1.
         Fewer streams change the speed, never the replies."""
-        cells = max(min(self.n_ctx, _STREAM_MIN_CELLS), min(self.n_ctx, -(-longest // _STREAM_CELLS_STEP)
-                                                             * _STREAM_CELLS_STEP))
-        n_streams = max(1, min(self.parallel, self.n_ctx // cells))
-        streams = self._streams
-        if streams is None or streams.cells < cells or streams.n_streams != n_streams:
-            if streams is not None:
-                streams.close()
-                self._streams = None
-            self._streams = LlamaStreams(self._lib, self._model, self._context_params(self.n_ctx),
-                                         n_streams=n_streams, cells=cells, n_vocab=self.n_vocab,
-                                         min_decode=self._min_decode, describe_error=_last_llama_error)
-        return self._streams
+        cells = min(self.n_ctx, max(_STREAM_MIN_CELLS, _round_cells(longest)))
+        return self._open_streams(max(1, min(self.parallel, self.n_ctx // cells)), cells)
 
     # --- speed probes ------------------------------------------------------------------------------
 
@@ -613,8 +609,9 @@ class LlamaCppProvider(Provider):
 
     @property  # type: ignore[override]
     def generation_items_per_call(self) -> int:
-        """Prompts per generate_batch() call: enough for eight refills of every stream."""
-        return 8 * self.parallel if self.parallel > 1 else 1
+        """Prompts per generate_stream() call: 64 refills of every stream, so a call rarely ends on a tail of streams
+        left idle (replies are checkpointed as they end, not per call)."""
+        return 64 * self.parallel if self.parallel > 1 else 1
 
     @property  # type: ignore[override]
     def loglik_items_per_call(self) -> int:

@@ -25,7 +25,7 @@ import numpy as np
 from llmlab_fixtures.errors import LlmlabError
 from llmlab_fixtures.providers.base import GenerationResult
 from llmlab_fixtures.providers.llama_streams import COPY_MIN_TOKENS, LlamaStreams, StreamJob, plan_runs
-from llmlab_fixtures.providers.tokens import common_prefix_length, find_stop
+from llmlab_fixtures.providers.tokens import Reply, common_prefix_length
 
 
 @dataclass
@@ -39,35 +39,6 @@ class PromptJob:
 
 
 @dataclass
-class ReplyText:
-    """A reply's text as its tokens arrive; ``reason`` is set once it ends (eos, stop, length, context)."""
-
-    stops: list[str]
-    max_new: int
-    text: str = ""
-    n_tokens: int = 0
-    reason: str | None = None
-    _decoder: codecs.IncrementalDecoder = field(
-        default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace"))
-
-    def add(self, piece: bytes | None) -> bool:
-        """Append one token's bytes (None: an end-of-generation token); True once the reply has ended."""
-        if piece is None:
-            self.reason = "eos"
-            return True
-        self.n_tokens += 1
-        longest = max((len(s) for s in self.stops), default=0)
-        scan_from = max(0, len(self.text) - longest + 1)
-        self.text += self._decoder.decode(piece)
-        cut = find_stop(self.text, self.stops, scan_from)
-        if cut is not None:
-            self.text, self.reason = self.text[:cut], "stop"
-        elif self.n_tokens >= self.max_new:
-            self.reason = "length"  # bytes of a character cut off here stay in the decoder and are dropped
-        return self.reason is not None
-
-
-@dataclass
 class _Slot:
     """The reply a stream is generating: its tokens so far (prompt + generated, the last one not yet decoded)."""
 
@@ -75,8 +46,15 @@ class _Slot:
     started: float
     reused: int  # prompt tokens taken from the cache instead of evaluated
     tokens: list[int]
-    reply: ReplyText
+    reply: Reply
     first_token_at: float | None = None
+    # bytes of a character cut off by the token limit stay in the decoder and are dropped from the reply
+    decoder: codecs.IncrementalDecoder = field(
+        default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace"))
+
+    def add(self, piece: bytes | None) -> bool:
+        """Take the newest token's bytes (None: end of generation); True once the reply has ended."""
+        return self.reply.add(None if piece is None else self.reply.text + self.decoder.decode(piece))
 
     @property
     def prefilling(self) -> bool:
@@ -105,10 +83,9 @@ def generate_in_streams(streams: LlamaStreams, jobs: Sequence[PromptJob], *, pie
                     yield slot.job.index, exc
             continue
         for s, slot in enumerate(slots):
-            if slot is not None and not slot.prefilling and slot.reply.reason is None:
-                token = slot.tokens[-1]
-                if slot.reply.add(piece(token)) or len(slot.tokens) >= streams.cells:
-                    slot.reply.reason = slot.reply.reason or "context"
+            if slot is not None and not slot.prefilling and slot.reply.reason is None \
+                    and not slot.add(piece(slot.tokens[-1])) and len(slot.tokens) >= streams.cells:
+                slot.reply.reason = "context"
             if slot is not None and slot.reply.reason is not None:
                 slots[s] = None
                 yield slot.job.index, _result(slot, clock())
@@ -124,20 +101,19 @@ def _admit(streams: LlamaStreams, slots: list[_Slot | None], queue: deque[Prompt
         if slots[s] is not None or not queue:
             continue
         job = queue[0]
-        held = max(common_prefix_length(cached, job.prompt) for cached in streams.cached)
-        if any(common_prefix_length(job.prompt, other) - held >= COPY_MIN_TOKENS for other in admitted):
+        held = [min(common_prefix_length(cached, job.prompt), len(job.prompt) - 1) for cached in streams.cached]
+        if any(common_prefix_length(job.prompt, other) - max(held) >= COPY_MIN_TOKENS for other in admitted):
             break  # it and the prompts after it wait one round
         queue.popleft()
-        reused = _reuse_prefix(streams, s, job.prompt)
-        slots[s] = _Slot(job, clock(), reused, list(job.prompt), ReplyText(job.stops, job.max_new))
+        reused = _reuse_prefix(streams, s, held)
+        slots[s] = _Slot(job, clock(), reused, list(job.prompt), Reply(job.stops, job.max_new))
         admitted.append(job.prompt)
 
 
-def _reuse_prefix(streams: LlamaStreams, stream: int, prompt: list[int]) -> int:
-    """Prompt tokens ``stream`` can keep: what it holds of ``prompt``, or a longer shared prefix copied from another
-    stream's cache (never the whole prompt: its last token is decoded for the first logits row)."""
-    limit = len(prompt) - 1
-    held = [min(common_prefix_length(cached, prompt), limit) for cached in streams.cached]
+def _reuse_prefix(streams: LlamaStreams, stream: int, held: list[int]) -> int:
+    """Prompt tokens ``stream`` keeps, given how many of them each stream holds (``held``, never the whole prompt:
+    its last token is decoded for the first logits row): its own, or a longer shared prefix copied from another
+    stream's cache."""
     source = max(range(streams.n_streams), key=held.__getitem__)
     if source != stream and held[source] - held[stream] >= COPY_MIN_TOKENS:
         streams.copy_prefix(source, stream, held[source])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 Tokenize = Callable[..., list[int]]  # tokenize(text, add_bos=None | bool) -> ids
 
@@ -41,6 +42,34 @@ def find_stop(text: str, stops: Sequence[str], scan_from: int = 0) -> int | None
     """Where the earliest stop string starts in ``text`` (searching from ``scan_from``), or None."""
     hits = [i for s in stops if s and (i := text.find(s, scan_from)) >= 0]
     return min(hits) if hits else None
+
+
+@dataclass
+class Reply:
+    """How a greedy reply ends, the same on every in-process backend: at an end-of-generation token (not part of
+    the reply), at the first stop string (the text cut where it starts), or after ``limit`` tokens."""
+
+    stops: Sequence[str]
+    limit: int
+    text: str = ""
+    n_tokens: int = 0
+    reason: str | None = None  # eos, stop, length (or context, set by the backend)
+
+    def add(self, text: str | None) -> bool:
+        """Take the reply's whole text after one more token (None: the token ends generation); True once ended."""
+        if text is None:
+            self.reason = "eos"
+            return True
+        self.n_tokens += 1
+        longest = max((len(s) for s in self.stops), default=0)
+        start = max(0, len(self.text) - longest - 3)  # the tail may change as a character's UTF-8 bytes complete
+        self.text = text
+        cut = find_stop(text, self.stops, start)
+        if cut is not None:
+            self.text, self.reason = text[:cut], "stop"
+        elif self.n_tokens >= self.limit:
+            self.reason = "length"
+        return self.reason is not None
 
 
 def probe_tokens(n_tokens: int, vocab_size: int, logits_rows: int = 1, seed: int = 0) -> list[int]:

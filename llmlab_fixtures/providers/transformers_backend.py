@@ -13,7 +13,7 @@ import inspect
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,8 +30,8 @@ from llmlab_fixtures.providers.base import (
 )
 from llmlab_fixtures.providers.gguf_conversion import GgufConversion, conversion_cache_enabled
 from llmlab_fixtures.providers.token_tree import PackedTree, pack_tree
-from llmlab_fixtures.providers.tokens import common_prefix_length, probe_tokens, split_context
-from llmlab_fixtures.providers.transformers_generation import RowReply, generate_rows
+from llmlab_fixtures.providers.tokens import Reply, common_prefix_length, probe_tokens, split_context
+from llmlab_fixtures.providers.transformers_generation import generate_rows
 from llmlab_fixtures.providers.tree_attention import TREE_BLOCKS_KWARG, install_tree_attention, plan_blocks, tree_mask
 
 INSTALL_HINT = "pip install transformers gguf accelerate"
@@ -353,15 +353,14 @@ def _score_continuations(logits: Any, spans: Sequence[Sequence[int]], targets: S
 
 class _GenerationWatch:
     """A StoppingCriteria for generate() on a padded batch: timestamps the first new token and ends each row's
-    RowReply (EOG, a stop string or its own limit)."""
+    Reply (EOG, a stop string or its own limit)."""
 
-    def __init__(self, tokenizer: Any, prompt_len: int, requests: Sequence[GenerationRequest],
-                 eog_ids: set[int]) -> None:
+    def __init__(self, render: Callable[[Sequence[int]], str | None], prompt_len: int,
+                 requests: Sequence[GenerationRequest]) -> None:
+        self.render = render
         self.prompt_len = prompt_len
         self.first_token_at: float | None = None
-        self.replies = [RowReply([s for s in req.stop if s], req.max_new_tokens, eog_ids,
-                                 lambda tokens: tokenizer.decode(list(tokens), skip_special_tokens=True))
-                        for req in requests]
+        self.replies = [Reply([s for s in req.stop if s], req.max_new_tokens) for req in requests]
 
     def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
         import torch
@@ -370,7 +369,7 @@ class _GenerationWatch:
             self.first_token_at = time.perf_counter()
         for row, reply in enumerate(self.replies):
             if reply.reason is None:
-                reply.add(int(input_ids[row, -1]))
+                reply.add(self.render(input_ids[row, self.prompt_len :].tolist()))
         return torch.tensor([r.reason is not None for r in self.replies], dtype=torch.bool, device=input_ids.device)
 
 
@@ -381,7 +380,7 @@ class TransformersProvider(Provider):
     supports_loglikelihood = True
     loglik_items_per_call = 64  # items per loglikelihood() call: their requests are packed as token trees
     generation_rows = 8  # prompts generated side by side (32 on a GPU): each new token is one batched step
-    generation_items_per_call = 32  # prompts per generate_batch() call (rows are refilled within a call)
+    generation_items_per_call = 256  # prompts per generate_stream() call (rows are refilled within a call)
 
     def __init__(
         self,
@@ -451,7 +450,7 @@ class TransformersProvider(Provider):
         arch = self.metadata.get("architecture") or self.metadata.get("model_type")
         self.device = resolve_device(self.requested_device)
         if not self.device.startswith("cpu"):
-            self.generation_rows, self.generation_items_per_call = 32, 128
+            self.generation_rows, self.generation_items_per_call = 32, 1024
         self.dtype = choose_dtype(self.device, arch) if self.requested_dtype in ("auto", None) \
             else getattr(torch, self.requested_dtype)
         if self.threads:
@@ -902,47 +901,51 @@ class TransformersProvider(Provider):
         """Greedy decoding of one request (a batch of one)."""
         return self.generate_batch([request])[0]
 
-    def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        """Greedy decoding, ``generation_rows`` prompts at a time; each stops at EOG, a stop string or its limit.
-
-        Each prompt is prefilled alone and its row takes the next prompt as soon as its reply ends
+    def generate_stream(self, requests: Sequence[GenerationRequest]) -> Iterator[tuple[int, GenerationResult]]:
+        """Greedy decoding, ``generation_rows`` prompts at a time, yielded as each reply ends at EOG, a stop string or
+        its limit. Each prompt is prefilled alone and its row takes the next prompt as soon as its reply ends
         (transformers_generation); models whose attention cannot take that cache (sliding windows, other kernels)
         generate in left-padded batches instead. Times run from when an item's prompt took its row."""
         self._require()
         active = [i for i, r in enumerate(requests) if r.max_new_tokens > 0]
-        generated: dict[int, GenerationResult] = {}
-        if active and self._continuous:
-            generated.update(zip(active, self._generate_continuously([requests[i] for i in active])))
-        elif active:
-            for start in range(0, len(active), self.generation_rows):
-                chunk = active[start : start + self.generation_rows]
-                generated.update(zip(chunk, self._generate_rows([requests[i] for i in chunk])))
-        return [generated.get(i) or GenerationResult("", len(self.tokenize(r.prompt)), 0, None, 0.0,
-                                                     extra={"stop_reason": "length"})
-                for i, r in enumerate(requests)]
+        for i, r in enumerate(requests):
+            if r.max_new_tokens <= 0:
+                yield i, GenerationResult("", len(self.tokenize(r.prompt)), 0, None, 0.0,
+                                          extra={"stop_reason": "length"})
+        if self._continuous:
+            for n, result in self._generate_continuously([requests[i] for i in active]):
+                yield active[n], result
+            return
+        for start in range(0, len(active), self.generation_rows):
+            chunk = active[start : start + self.generation_rows]
+            yield from zip(chunk, self._generate_rows([requests[i] for i in chunk]))
 
     def _generation_prompt(self, request: GenerationRequest, max_new: int) -> list[int]:
         """The request's prompt tokens, left-truncated so the prompt and ``max_new`` tokens fit the context."""
         tokens = self.tokenize(request.prompt) or [self._prefix_token]
         return tokens[-(self.max_length - max_new) :]
 
-    def _generate_continuously(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+    def _generate_continuously(self, requests: Sequence[GenerationRequest]) -> Iterator[tuple[int, GenerationResult]]:
         import torch
 
+        if not requests:
+            return
         prompts = []
         for index, request in enumerate(requests):
-            max_new = max(1, min(request.max_new_tokens, self.max_length - 1))
-            reply = RowReply([s for s in request.stop if s], max_new, self.eog_ids,
-                             lambda tokens: self._tokenizer.decode(list(tokens), skip_special_tokens=True))
-            prompts.append((index, self._generation_prompt(request, max_new), reply))
+            reply = Reply([s for s in request.stop if s], max(1, min(request.max_new_tokens, self.max_length - 1)))
+            prompts.append((index, self._generation_prompt(request, reply.limit), reply))
         capacity = max(len(prompt) + reply.limit for _, prompt, reply in prompts) + 1
         mask_dtype = torch.bool if self._attention == "sdpa" else self.dtype
-        results: list[GenerationResult | None] = [None] * len(requests)
         with torch.inference_mode():  # the cache's tensors are inference tensors: rows are copied in this mode too
-            for index, result in generate_rows(self._forward_rows, prompts, rows=self.generation_rows,
-                                               capacity=capacity, device=self.device, mask_dtype=mask_dtype):
-                results[index] = result
-        return [r for r in results if r is not None]
+            yield from generate_rows(self._forward_rows, self._render, prompts, rows=self.generation_rows,
+                                     capacity=capacity, device=self.device, mask_dtype=mask_dtype)
+
+    def _decode(self, tokens: Sequence[int]) -> str:
+        return self._tokenizer.decode(list(tokens), skip_special_tokens=True)
+
+    def _render(self, tokens: Sequence[int]) -> str | None:
+        """A reply's text so far; None when its last token ends generation."""
+        return None if tokens and tokens[-1] in self.eog_ids else self._decode(tokens)
 
     def _forward_rows(self, ids: Any, positions: Any, mask: Any, cache: Any) -> Any:
         """One forward pass through a SlotCache: logits of each row's last position."""
@@ -963,7 +966,7 @@ class TransformersProvider(Provider):
             ids[b, width - len(tokens) :] = torch.tensor(tokens, dtype=torch.long)
             mask[b, width - len(tokens) :] = 1
         limited = [GenerationRequest(r.prompt, r.stop, min(r.max_new_tokens, max_new)) for r in requests]
-        watch = _GenerationWatch(self._tokenizer, width, limited, self.eog_ids)
+        watch = _GenerationWatch(self._render, width, limited)
         config = GenerationConfig(do_sample=False, max_new_tokens=max_new, pad_token_id=self.pad_id,
                                   eos_token_id=sorted(self.eog_ids) or None, bos_token_id=self.bos_id)
         with torch.inference_mode():
@@ -976,7 +979,7 @@ class TransformersProvider(Provider):
             reply = watch.replies[b]
             if reply.reason is None:  # the batch ended at max_new_tokens before this row's watch saw it finish
                 reply.n_tokens, reply.reason = min(len(output[b]) - width, req.max_new_tokens), "length"
-                reply.text = reply.decode(output[b, width : width + reply.n_tokens].tolist())
+                reply.text = self._decode(output[b, width : width + reply.n_tokens].tolist())
             n_tokens, reason, text = reply.n_tokens, reply.reason, reply.text
             results.append(GenerationResult(
                 text=text,

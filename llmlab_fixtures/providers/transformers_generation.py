@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llmlab_fixtures.providers.base import GenerationResult
-from llmlab_fixtures.providers.tokens import common_prefix_length, find_stop
+from llmlab_fixtures.providers.tokens import Reply, common_prefix_length
 
 PREFIX_MIN_TOKENS = 16  # a shared prefix shorter than this is prefilled again rather than copied
 
@@ -87,49 +87,12 @@ class SlotCache:
 
 
 @dataclass
-class RowReply:
-    """One reply as its tokens arrive: ends at an end-of-generation token, the first stop string, or ``limit``."""
-
-    stops: list[str]
-    limit: int
-    eog_ids: set[int]
-    decode: Callable[[Sequence[int]], str]
-    tokens: list[int] = field(default_factory=list)
-    text: str | None = None
-    n_tokens: int = 0
-    reason: str | None = None
-    _scanned: int = 0  # characters already searched for stop strings
-
-    def add(self, token: int) -> bool:
-        """Take the next token; True once the reply has ended (``text``, ``n_tokens`` and ``reason`` set)."""
-        self.tokens.append(token)
-        n_new = len(self.tokens)
-        if token in self.eog_ids:
-            return self._finish(n_new - 1, "eos", self.decode(self.tokens[:-1]))
-        if self.stops:
-            text = self.decode(self.tokens)
-            longest = max(len(s) for s in self.stops)
-            start = max(0, self._scanned - longest - 3)  # the tail may change as UTF-8 bytes complete
-            cut = find_stop(text, self.stops, start)
-            self._scanned = len(text)
-            if cut is not None:
-                return self._finish(n_new, "stop", text[:cut])
-        if n_new >= self.limit:
-            return self._finish(n_new, "length", self.decode(self.tokens))
-        return False
-
-    def _finish(self, n_tokens: int, reason: str, text: str) -> bool:
-        self.n_tokens, self.reason, self.text = n_tokens, reason, text
-        return True
-
-
-@dataclass
 class PromptRow:
     """A prompt in a cache row: its tokens so far (prompt, then the reply; the last one not yet run)."""
 
     index: int  # position in the caller's request list
     prompt: list[int]
-    reply: RowReply
+    reply: Reply
     started: float
     reused: int = 0
     first_token_at: float | None = None
@@ -138,11 +101,17 @@ class PromptRow:
     def __post_init__(self) -> None:
         self.tokens = list(self.prompt)
 
+    def add(self, token: int, render: Render) -> None:
+        """Append the next token and pass the reply's text on to ``reply``."""
+        self.tokens.append(token)
+        self.reply.add(render(self.tokens[len(self.prompt) :]))
+
 
 Forward = Callable[..., Any]  # forward(input_ids, position_ids, mask or None, cache) -> logits of the last positions
+Render = Callable[[Sequence[int]], "str | None"]  # a reply's tokens -> its text, None if the last ends generation
 
 
-def generate_rows(forward: Forward, prompts: Sequence[tuple[int, list[int], RowReply]], *, rows: int,
+def generate_rows(forward: Forward, render: Render, prompts: Sequence[tuple[int, list[int], Reply]], *, rows: int,
                   capacity: int, device: Any, mask_dtype: Any, clock: Callable[[], float] = time.perf_counter,
                   ) -> Iterator[tuple[int, GenerationResult]]:
     """Greedy replies to ``prompts`` ((index, prompt tokens, reply)), ``rows`` at a time; yields (index, result) as
@@ -157,9 +126,8 @@ def generate_rows(forward: Forward, prompts: Sequence[tuple[int, list[int], RowR
         while queue and len(busy) < rows:
             index, prompt, reply = queue.popleft()
             row = PromptRow(index, prompt, reply, clock())
-            _prefill(forward, cache, busy, row, device, mask_dtype)
+            row.add(_prefill(forward, cache, busy, row, device, mask_dtype), render)
             row.first_token_at = clock()
-            reply.add(row.tokens[-1])
             busy.append(row)
         for n in reversed([n for n, r in enumerate(busy) if r.reply.reason is not None]):
             finished, last = busy[n], busy[-1]
@@ -177,14 +145,13 @@ def generate_rows(forward: Forward, prompts: Sequence[tuple[int, list[int], RowR
         ids = torch.tensor([[r.tokens[-1]] for r in busy], device=device)
         logits = forward(ids, positions[:, None], _as_mask(visible[:, None, None, :], mask_dtype), cache)
         for r, token in zip(busy, logits[:, -1].argmax(dim=-1).tolist()):
-            r.tokens.append(int(token))
-            r.reply.add(int(token))
+            r.add(int(token), render)
 
 
 def _prefill(forward: Forward, cache: SlotCache, busy: Sequence[PromptRow], row: PromptRow, device: Any,
-             mask_dtype: Any) -> None:
-    """Run ``row``'s prompt into cache row ``len(busy)`` (after a prefix copied from a busy row that holds it) and
-    append its first reply token."""
+             mask_dtype: Any) -> int:
+    """Run ``row``'s prompt into cache row ``len(busy)`` (after a prefix copied from a busy row that holds it);
+    returns its first reply token."""
     import torch
 
     target = len(busy)
@@ -192,7 +159,7 @@ def _prefill(forward: Forward, cache: SlotCache, busy: Sequence[PromptRow], row:
     shared = [min(common_prefix_length(other.tokens[:-1], row.prompt), limit) for other in busy]
     best = max(range(len(busy)), key=shared.__getitem__, default=None)
     start = 0
-    if best is not None and shared[best] >= PREFIX_MIN_TOKENS and cache.keys:
+    if best is not None and shared[best] >= PREFIX_MIN_TOKENS:
         start = shared[best]
         cache.copy_row(best, target, start)
     row.reused = start
@@ -204,8 +171,7 @@ def _prefill(forward: Forward, cache: SlotCache, busy: Sequence[PromptRow], row:
         columns = torch.arange(len(row.prompt), device=device)
         mask = _as_mask((columns[None, :] <= positions[0, :, None])[None, None], mask_dtype)
     cache.prefill(target, start)
-    logits = forward(ids, positions, mask, cache)
-    row.tokens.append(int(logits[0, -1].argmax()))
+    return int(forward(ids, positions, mask, cache)[0, -1].argmax())
 
 
 def _as_mask(visible: Any, mask_dtype: Any) -> Any:
@@ -223,7 +189,7 @@ def _result(row: PromptRow, now: float) -> GenerationResult:
     reply = row.reply
     first = row.first_token_at
     return GenerationResult(
-        text=reply.text or "",
+        text=reply.text,
         prompt_tokens=len(row.prompt),
         completion_tokens=reply.n_tokens,
         ttft_s=None if first is None else first - row.started,

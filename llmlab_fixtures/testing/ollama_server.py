@@ -683,6 +683,7 @@ class OllamaServer:
         self.faults = _Faults()
         self._log = log
         self._log_lock = threading.Lock()
+        self._count_lock = threading.Lock()
         self._in_flight = 0
         self.peak_in_flight = 0  # the most generate/chat requests open at once (waiting for a slot included)
         self._http: _HTTPServer | None = None
@@ -914,13 +915,13 @@ class OllamaServer:
     @contextlib.contextmanager
     def _counted(self) -> Iterator[None]:
         """Count a request as open while it runs (``peak_in_flight``)."""
-        with self._log_lock:
+        with self._count_lock:
             self._in_flight += 1
             self.peak_in_flight = max(self.peak_in_flight, self._in_flight)
         try:
             yield
         finally:
-            with self._log_lock:
+            with self._count_lock:
                 self._in_flight -= 1
 
     def _generate(self, handler: _Handler, request: Mapping[str, Any], reply: _Reply, started: float) -> None:
