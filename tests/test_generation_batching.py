@@ -70,6 +70,26 @@ def test_eight_streams_refilled_give_the_replies_of_one_at_a_time(streams8: Llam
     print(f"\n8 streams == 1: {[r.text[:24] for r in single[:4]]} ... reasons {sorted(reasons)}")
 
 
+def test_streams_side_by_side_give_llama_cpps_own_replies(streams8: LlamaCppProvider, gguf: Path,
+                                                         data_dir: Path) -> None:
+    """Eight streams taking one-token steps in shared calls answer as llama.cpp's own generation does one prompt at
+    a time (llama-cpp-python's ``Llama``, the engine behind its server and lm-eval's gguf route), and the check
+    that sizes the streams found all eight exact."""
+    from llmlab_fixtures.testing.no_repack import load_llama
+
+    requests = mixed_requests(data_dir, 10, shots=1)
+    ours = streams8.generate_batch(requests)
+    llm = load_llama(gguf, n_ctx=4096, n_threads=2, verbose=False)
+    try:
+        theirs = [llm.create_completion(r.prompt, max_tokens=r.max_new_tokens, stop=list(r.stop),
+                                        temperature=0.0)["choices"][0]["text"] for r in requests]
+    finally:
+        llm.close()
+    assert [r.text for r in ours if not isinstance(r, Exception)] == theirs
+    assert streams8.get_model_info().extra["generation_streams"] == 8
+    assert streams8.notice is None
+
+
 def test_fixed_exemplars_are_evaluated_once_and_copied(streams8: LlamaCppProvider, alone: LlamaCppProvider,
                                                        data_dir: Path) -> None:
     """With the same exemplars for every item the first prompt's prefix is decoded once and copied to the other
@@ -126,3 +146,23 @@ def test_transformers_rows_refilled_give_the_replies_of_generate(data_dir: Path)
         assert all(r.extra["reused_prompt_tokens"] > 100 for r in shared[1:3])
     finally:
         provider.close()
+
+
+@pytest.mark.filterwarnings("ignore:.*replies generated side by side")
+def test_streams_whose_kernels_would_change_replies_are_capped(data_dir: Path) -> None:
+    """With CPU weight repacking on (``batch_invariant`` off), Gemma 3's Q4_K weights may take another matrix
+    kernel for several columns than for one. The check then caps the streams that generate side by side, and
+    replies stay those of one stream whatever it found (printed: how many streams it allowed)."""
+    from llmlab_fixtures.embedded import GEMMA3_270M
+
+    gemma = embedded_gguf(GEMMA3_270M)
+    requests = mixed_requests(data_dir, 6)
+    replies = []
+    for parallel in (1, 4):
+        with LlamaCppProvider(gemma, f"gemma-{parallel}", n_threads=2, parallel=parallel,
+                              batch_invariant=False) as provider:
+            replies.append([r.text for r in provider.generate_batch(requests)])
+            width = provider.get_model_info().extra["generation_streams"]
+            assert (provider.notice is None) == (width == parallel)
+    assert replies[0] == replies[1]
+    print(f"\nrepacked Gemma 3: {width} of 4 streams generate side by side")

@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import os
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from llmlab_fixtures.providers.base import (
     ModelInfo,
     Provider,
 )
-from llmlab_fixtures.providers.llama_generation import PromptJob, generate_in_streams
+from llmlab_fixtures.providers.llama_generation import PromptJob, generate_in_streams, single_token_streams
 from llmlab_fixtures.providers.llama_streams import (
     LlamaStreams,
     StreamJob,
@@ -41,6 +42,7 @@ _SEQ = 0  # the single sequence id this provider uses
 _DEFAULT_MAX_CTX = 8192
 _STREAM_CELLS_STEP = 256  # KV-cache streams are sized to the longest input, rounded up to this
 _STREAM_MIN_CELLS = 1024  # ... and hold at least this many tokens, so short tasks never remake them
+_WIDTH_PROBE_TOKENS = 16  # context of the check that one-token steps side by side give the logits of one alone
 _MIN_DECODE = 8  # tokens per llama_decode call from which CPU kernels give batch-size-independent results
 _LOG_LINES: deque[str] = deque(maxlen=32)
 _LOG_STATE: dict[str, Any] = {}  # keeps the ctypes log callback alive
@@ -211,6 +213,7 @@ class LlamaCppProvider(Provider):
         # fewer calls, the same scores bit for bit. 1 scores one sequence at a time.
         self.parallel = max(1, parallel)
         self._streams: LlamaStreams | None = None
+        self._generation_widths: dict[int, int] = {}  # streams -> how many of them generate side by side
         self._lib: Any = None
         self._model: Any = None
         self._ctx: Any = None
@@ -553,7 +556,7 @@ class LlamaCppProvider(Provider):
         if jobs:
             streams = self._generation_streams(max(len(job.prompt) + job.max_new for job in jobs))
             yield from generate_in_streams(streams, jobs, piece=self._piece, min_tokens=self._min_decode,
-                                           max_tokens=self.n_batch, max_rows=self.n_outputs_max)
+                                           max_rows=self.n_outputs_max, width=self._generation_width(streams))
 
     def _prompt_job(self, index: int, request: GenerationRequest) -> PromptJob:
         """The request's prompt tokens, left-truncated so prompt and reply fit the context."""
@@ -573,6 +576,20 @@ class LlamaCppProvider(Provider):
         Fewer streams change the speed, never the replies."""
         cells = min(self.n_ctx, max(_STREAM_MIN_CELLS, _round_cells(longest)))
         return self._open_streams(max(1, min(self.parallel, self.n_ctx // cells)), cells)
+
+    def _generation_width(self, streams: LlamaStreams) -> int:
+        """Streams that generate side by side: as many of ``streams`` as give each the logits of a step alone
+        (checked once per stream count on this model and backend; fewer is said once, in ``notice``)."""
+        n = streams.n_streams
+        if n not in self._generation_widths:
+            context = probe_tokens(_WIDTH_PROBE_TOKENS, self.n_vocab, seed=1)
+            width = single_token_streams(streams, context[:-1], context[-1]) if n > 1 else 1
+            self._generation_widths[n] = width
+            if width < n:
+                self.notice = (f"{width} replies generated side by side, not {n}: this backend's kernels give other "
+                               f"logits for more one-token steps in one call, which would change replies")
+                warnings.warn(f"{self.name}: {self.notice}", RuntimeWarning, stacklevel=2)
+        return self._generation_widths[n]
 
     # --- speed probes ------------------------------------------------------------------------------
 
@@ -635,6 +652,7 @@ class LlamaCppProvider(Provider):
             "flash_attn": self.flash_attn,
             "batch_invariant": self.batch_invariant,
             "parallel": self.parallel,
+            "generation_streams": max(self._generation_widths.values(), default=None),
         }
         if lib is not None:
             import llama_cpp
