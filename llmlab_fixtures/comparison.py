@@ -24,7 +24,7 @@ from llmlab_fixtures.metrics import wilson_interval
 from llmlab_fixtures.paired import OVERALL, PairedComparison, compare_pairs, compare_pairs_overall
 from llmlab_fixtures.speed import SpeedFigure
 from llmlab_fixtures.summary import TaskSummary, percentile
-from llmlab_fixtures.table import primary_metric, text_grid
+from llmlab_fixtures.table import fixed, primary_metric, text_grid
 
 Item = Mapping[str, Any]
 
@@ -187,10 +187,6 @@ def build_report(summaries: Sequence[TaskSummary], items: Sequence[Item], settin
     )
 
 
-def _fmt(value: float | None, digits: int = 3) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
 def money(value: float | None) -> str:
     """Dollars with enough significant digits for a fraction of a cent; ``n/a`` when unknown."""
     if value is None:
@@ -209,9 +205,9 @@ def cost_table(report: Report, markdown: bool = False) -> list[str]:
     """Per dataset and overall: accuracy with its interval, cost per 1K tokens and items, speed and memory."""
     header = ["dataset", "model", "kind", "accuracy", "95% CI", "n", "cost", "$/1K tok", "$/1K items", "tok/s",
               "ttft p50 s", "p50 s", "p95 s", "peak MB", "Pareto"]
-    rows = [[r.dataset, r.model, r.cost.kind, _fmt(r.accuracy), _interval(r), str(r.n_items), money(r.cost.cost_usd),
-             money(r.cost.per_1k_tokens), money(r.cost.per_1k_items), _fmt(r.tokens_per_s, 1), _fmt(r.ttft_p50_s),
-             _fmt(r.latency_p50_s), _fmt(r.latency_p95_s), _fmt(r.peak_rss_mb, 0), "yes" if r.pareto else ""]
+    rows = [[r.dataset, r.model, r.cost.kind, fixed(r.accuracy), _interval(r), str(r.n_items), money(r.cost.cost_usd),
+             money(r.cost.per_1k_tokens), money(r.cost.per_1k_items), fixed(r.tokens_per_s, 1), fixed(r.ttft_p50_s),
+             fixed(r.latency_p50_s), fixed(r.latency_p95_s), fixed(r.peak_rss_mb, 0), "yes" if r.pareto else ""]
             for r in report.shown_rows]
     return text_grid(header, rows, markdown)
 
@@ -253,7 +249,7 @@ def pareto_lines(report: Report) -> list[str]:
     lines = []
     for dataset in report.datasets:
         front = report.pareto_front(dataset)
-        shown = " → ".join(f"{r.model} ({_fmt(r.accuracy)} at {money(r.cost.per_1k_items)}/1K items)" for r in front)
+        shown = " → ".join(f"{r.model} ({fixed(r.accuracy)} at {money(r.cost.per_1k_items)}/1K items)" for r in front)
         lines.append(f"{dataset}: {shown or 'no model has both a cost and an accuracy'}")
     ranked = [r for r in report.overall if r.accuracy_per_dollar is not None]
     if ranked:

@@ -12,7 +12,8 @@ if TYPE_CHECKING:
     from llmlab_fixtures.paired import PairedComparison
 
 
-def _fmt(value: float | None, digits: int = 3) -> str:
+def fixed(value: float | None, digits: int = 3) -> str:
+    """``value`` with ``digits`` decimals; ``-`` when unknown."""
     return "-" if value is None else f"{value:.{digits}f}"
 
 
@@ -58,7 +59,8 @@ def comparison_table(summaries: Sequence[TaskSummary], markdown: bool = False,
             metric = s.metrics.get(metric_name or "", {"value": None, "stderr": None})
             errors = f", {s.n_errors} errors" if s.n_errors else ""
             errors += f", {s.n_resumed} resumed" if s.n_resumed else ""
-            cells.append(f"{_fmt(metric['value'])} ± {_fmt(metric['stderr'])} ({_fmt(s.items_per_s, 1)} it/s{errors})")
+            speed = f"{fixed(s.items_per_s, 1)} it/s{errors}"
+            cells.append(f"{fixed(metric['value'])} ± {fixed(metric['stderr'])} ({speed})")
         rows.append(cells)
     rows += speed_cells(speeds, models)
     locations = {f.model: f.data_location for f in speeds} | {s.model: s.data_location for s in summaries}
@@ -87,10 +89,10 @@ def detail_table(summaries: Sequence[TaskSummary], markdown: bool = False) -> li
         for name, metric in s.metrics.items():
             low, high = metric.get("ci95_low"), metric.get("ci95_high")
             interval = "-" if low is None or high is None else f"{low:.3f}-{high:.3f}"
-            rows.append([s.model, s.dataset, name, _fmt(metric["value"], 4), _fmt(metric["stderr"], 4), interval,
-                         str(s.n_items), str(s.n_errors), s.scoring, str(s.num_fewshot), _fmt(s.items_per_s, 2),
-                         _fmt(s.tokens_per_s, 0), _fmt(s.latency_p50_s, 3), _fmt(s.latency_p95_s, 3),
-                         _fmt(s.ttft_p50_s, 3), _fmt(s.peak_rss_mb, 0)])
+            rows.append([s.model, s.dataset, name, fixed(metric["value"], 4), fixed(metric["stderr"], 4), interval,
+                         str(s.n_items), str(s.n_errors), s.scoring, str(s.num_fewshot), fixed(s.items_per_s, 2),
+                         fixed(s.tokens_per_s, 0), fixed(s.latency_p50_s, 3), fixed(s.latency_p95_s, 3),
+                         fixed(s.ttft_p50_s, 3), fixed(s.peak_rss_mb, 0)])
     return text_grid(header, rows, markdown)
 
 

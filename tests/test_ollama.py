@@ -38,7 +38,6 @@ from llmlab_fixtures.specs import ModelSpec  # noqa: E402
 from llmlab_fixtures.testing.ollama_server import (  # noqa: E402
     OllamaServer,
     human_number,
-    normalize_tag,
     parse_go_duration,
     parse_keep_alive,
     running_ollama_server,
@@ -142,8 +141,8 @@ def test_go_durations_and_keep_alive() -> None:
 
 
 def test_names_and_parameter_sizes() -> None:
-    assert normalize_tag("smollm2") == "smollm2:latest" == backend.normalize_tag("SmolLM2:latest")
-    assert normalize_tag("registry.ollama.ai/library/qwen2.5:0.5b") == "qwen2.5:0.5b"
+    assert backend.normalize_tag("smollm2") == "smollm2:latest" == backend.normalize_tag("SmolLM2:latest")
+    assert backend.normalize_tag("registry.ollama.ai/library/qwen2.5:0.5b") == "qwen2.5:0.5b"
     assert backend.normalize_tag("user/model") == "user/model:latest"
     assert human_number(134515008) == "134.52M" and human_number(8030261248) == "8.0B"
     assert human_number(7_000_000_000) == "7B" and human_number(268_098_176) == "268.10M"

@@ -33,6 +33,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, TextIO
 
+from llmlab_fixtures.cores import available_cores
+from llmlab_fixtures.providers.ollama import normalize_tag
 from llmlab_fixtures.testing.backing_model import BackingModel
 
 VERSION = "0.0.0"  # what a development build of Ollama reports
@@ -131,18 +133,6 @@ def parse_keep_alive(value: Any, default: float) -> float:
         raise ApiError(400, f"json: cannot unmarshal {_json_type(value)} into Go struct field .keep_alive "
                             "of type api.Duration")
     return FOREVER_S if seconds < 0 else seconds
-
-
-def normalize_tag(name: str) -> str:
-    """Ollama's short model name: ``smollm2`` and ``registry.ollama.ai/library/smollm2:latest`` → ``smollm2:latest``."""
-    name = name.strip()
-    for prefix in ("registry.ollama.ai/", "library/"):
-        if name.lower().startswith(prefix):
-            name = name[len(prefix):]
-    last = name.rsplit("/", 1)[-1]
-    if ":" not in last:
-        name += ":latest"
-    return name.lower()
 
 
 def human_number(n: int) -> str:
@@ -678,7 +668,7 @@ class OllamaServer:
             keep_alive = parse_keep_alive(env, DEFAULT_KEEP_ALIVE_S) if env else DEFAULT_KEEP_ALIVE_S
         self.keep_alive = keep_alive
         self.num_ctx = num_ctx
-        self.num_thread = num_thread or _physical_cores()
+        self.num_thread = num_thread or available_cores()
         self.port = port
         self.faults = _Faults()
         self._log = log
@@ -1136,15 +1126,6 @@ class OllamaServer:
 
 
 # --- entry points ------------------------------------------------------------------------------------------------
-
-
-def _physical_cores() -> int:
-    try:
-        import psutil
-
-        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
-    except ImportError:
-        return os.cpu_count() or 1
 
 
 def default_models() -> dict[str, Path]:
