@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from llmlab_fixtures.errors import ConfigError
+from llmlab_fixtures.model_files import hf_cached_file
 from llmlab_fixtures.registry import ModelEntry, close_matches, load_models
 from llmlab_fixtures.table import format_size, text_grid
 
@@ -131,12 +132,8 @@ def estimated(size: int | None) -> str:
 
 def hf_cached_repo(entry: ModelEntry) -> Path | None:
     """The snapshot folder of ``entry``'s transformers repo when the Hugging Face cache holds its config.json."""
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:
-        return None
-    found = try_to_load_from_cache(repo_id=(entry.transformers or {})["repo"], filename="config.json")
-    return Path(found).parent if isinstance(found, str) else None
+    config = hf_cached_file((entry.transformers or {})["repo"], "config.json")
+    return None if config is None else config.parent
 
 
 def _gguf_row(path: Path, where: str) -> dict[str, str]:

@@ -16,12 +16,17 @@ def model_dirs(extra: tuple[Path, ...] = ()) -> list[Path]:
     return [p.expanduser() for p in (*extra, *env)]
 
 
-def _hf_cached_file(repo: str, filename: str) -> Path | None:
+def hf_cached_file(repo: str, filename: str) -> Path | None:
+    """The Hugging Face cache's copy of ``repo``'s ``filename``; None when it is not cached, huggingface_hub is
+    missing or ``repo`` is malformed. Never the network."""
     try:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:
         return None
-    found = try_to_load_from_cache(repo_id=repo, filename=filename)
+    try:
+        found = try_to_load_from_cache(repo_id=repo, filename=filename)
+    except Exception:  # malformed repo ids raise HFValidationError
+        return None
     return Path(found) if isinstance(found, str) else None
 
 
@@ -91,7 +96,7 @@ def resolve_gguf(entry: ModelEntry | None, target: str, extra_dirs: tuple[Path, 
         for directory in model_dirs(extra_dirs):
             if (directory / filename).is_file():
                 return directory / filename
-        if "repo" in gguf and (cached := _hf_cached_file(gguf["repo"], filename)) is not None:
+        if "repo" in gguf and (cached := hf_cached_file(gguf["repo"], filename)) is not None:
             return cached
     how = how_to_get(entry)
     if quantization and filename:

@@ -90,18 +90,10 @@ def _has_weights(directory: Path) -> bool:
 
 def cached_snapshot(repo: str) -> Path | None:
     """The local Hugging Face cache snapshot of ``repo`` holding config.json and weights, or None (no network)."""
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:
-        return None
-    try:
-        found = try_to_load_from_cache(repo_id=repo, filename="config.json")
-    except Exception:  # malformed repo ids raise HFValidationError
-        return None
-    if not isinstance(found, str):
-        return None
-    snapshot = Path(found).parent
-    return snapshot if _has_weights(snapshot) else None
+    from llmlab_fixtures.model_files import hf_cached_file
+
+    config = hf_cached_file(repo, "config.json")
+    return config.parent if config is not None and _has_weights(config.parent) else None
 
 
 def _transformers_ways(entry: Any) -> str:
