@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from llmlab_fixtures.embedded import SMOLLM2, embedded_gguf  # noqa: E402
+from llmlab_fixtures.models.gguf import SMOLLM2, embedded_gguf  # noqa: E402
 from llmlab_fixtures.providers.base import Provider  # noqa: E402
 
 
@@ -24,10 +24,10 @@ def smollm2_provider(backend: str, threads: int) -> Provider:
     """The embedded SmolLM2-135M GGUF on ``llama-cpp`` (quantised kernels) or ``transformers`` (dequantised, CPU)."""
     gguf = embedded_gguf(SMOLLM2)
     if backend == "llama-cpp":
-        from llmlab_fixtures.providers.llama_cpp import LlamaCppProvider
+        from llmlab_fixtures.providers.llama_cpp.provider import LlamaCppProvider
 
         return LlamaCppProvider(gguf, "llama-cpp:smollm2-135m", n_threads=threads)
-    from llmlab_fixtures.providers.transformers_backend import ModelSource, TransformersProvider
+    from llmlab_fixtures.providers.transformers.provider import ModelSource, TransformersProvider
 
     return TransformersProvider(ModelSource("gguf", gguf), "transformers:smollm2-135m", device="cpu",
                                 threads=threads)

@@ -21,11 +21,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_common import default_data_dir, smollm2_provider
 
-from llmlab_fixtures.datasets import load_docs
-from llmlab_fixtures.evaluator import evaluate
+from llmlab_fixtures.eval.datasets import load_docs
+from llmlab_fixtures.eval.evaluator import evaluate
+from llmlab_fixtures.eval.records import TaskRun
 from llmlab_fixtures.providers.base import Provider
-from llmlab_fixtures.providers.llama_cpp import LlamaCppProvider
-from llmlab_fixtures.records import TaskRun
+from llmlab_fixtures.providers.llama_cpp.provider import LlamaCppProvider
 from llmlab_fixtures.tasks import get_task
 
 

@@ -26,12 +26,12 @@ for backend in ${BACKENDS:-transformers llama.cpp}; do
     case $backend in
     transformers)
         step env LLMLAB_TEST_DEVICE=cuda python3 -m pytest -p no:cacheprovider -q -rs -s \
-            tests/test_transformers_provider.py
+            tests/providers/transformers/test_provider.py
         step python3 -m pytest -p no:cacheprovider bench --models=transformers:smollm2-135m --device cuda \
             --limit "$limit" --data-dir "$data" --output-dir "$out/transformers"
         ;;
     llama.cpp)
-        if ! python3 -c "import sys; from llmlab_fixtures.resources import llama_gpu_offload
+        if ! python3 -c "import sys; from llmlab_fixtures.models.resources import llama_gpu_offload
 sys.exit(not llama_gpu_offload())"; then
             echo "== llama.cpp: this llama-cpp-python build has no GPU offload; rebuild it with CUDA (see above)"
             failed+=("llama.cpp offload")
@@ -39,7 +39,7 @@ sys.exit(not llama_gpu_offload())"; then
         fi
         step python3 benchmarks/llama_gpu_load.py
         step env LLMLAB_TEST_GPU_LAYERS=-1 python3 -m pytest -p no:cacheprovider -q -rs -s \
-            tests/test_llama_cpp_provider.py
+            tests/providers/llama_cpp/test_provider.py
         step python3 -m pytest -p no:cacheprovider bench --models=local:smollm2-135m --gpu-layers -1 \
             --limit "$limit" --data-dir "$data" --output-dir "$out/llama.cpp"
         ;;

@@ -24,10 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_common import default_data_dir
 
-from llmlab_fixtures.datasets import load_docs
-from llmlab_fixtures.embedded import SMOLLM2, embedded_gguf
-from llmlab_fixtures.evaluator import evaluate
-from llmlab_fixtures.providers.llama_cpp import LlamaCppProvider
+from llmlab_fixtures.eval.datasets import load_docs
+from llmlab_fixtures.eval.evaluator import evaluate
+from llmlab_fixtures.models.gguf import SMOLLM2, embedded_gguf
+from llmlab_fixtures.providers.llama_cpp.provider import LlamaCppProvider
 from llmlab_fixtures.tasks import get_task
 
 Call = tuple[int, list[int], list[int]]  # (cache length kept, tokens appended, positions whose logits are read)

@@ -32,7 +32,7 @@ def run_variant(variant: str, gguf: Path) -> str:
     """Load ``gguf`` on the GPU the way ``variant`` says (in this process) and return what it computed."""
     if variant == "llmlab":
         from llmlab_fixtures.providers.base import LoglikelihoodRequest
-        from llmlab_fixtures.providers.llama_cpp import LlamaCppProvider
+        from llmlab_fixtures.providers.llama_cpp.provider import LlamaCppProvider
 
         with LlamaCppProvider(gguf, "gpu-check", n_ctx=2048, n_gpu_layers=-1) as provider:
             result = provider.loglikelihood([LoglikelihoodRequest("The capital of France is", " Paris")])[0]
@@ -53,7 +53,7 @@ def run_variant(variant: str, gguf: Path) -> str:
 
     import llama_cpp.llama_cpp as lib
 
-    from llmlab_fixtures.providers.llama_cpp import _quiet_llama_logs
+    from llmlab_fixtures.providers.llama_cpp.provider import _quiet_llama_logs
 
     _quiet_llama_logs(lib)
     params = lib.llama_model_default_params()
@@ -72,13 +72,13 @@ def main() -> int:
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # one variant, in this process
     args = parser.parse_args()
     if args.gguf is None:
-        from llmlab_fixtures.embedded import SMOLLM2, embedded_gguf
+        from llmlab_fixtures.models.gguf import SMOLLM2, embedded_gguf
 
         args.gguf = embedded_gguf(SMOLLM2)
     if args.variant:
         print(run_variant(args.variant, args.gguf), flush=True)
         return 0
-    from llmlab_fixtures.resources import llama_gpu_offload
+    from llmlab_fixtures.models.resources import llama_gpu_offload
 
     offload = "supported" if llama_gpu_offload() else "NOT supported: this build runs every variant on the CPU"
     print(f"{args.gguf}\nllama.cpp GPU offload: {offload}")

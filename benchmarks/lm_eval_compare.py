@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_common import default_data_dir  # noqa: E402
 from lm_eval_tasks.generate import TASK_NAMES, stock_tasks_dir, write_tasks  # noqa: E402
 
-from llmlab_fixtures.table import text_grid  # noqa: E402
+from llmlab_fixtures.reports.table import text_grid  # noqa: E402
 
 DUMP_REQUESTS = ROOT / "benchmarks" / "lm_eval_tasks" / "dump_requests.py"
 DEFAULT_TASKS = "arc_challenge,hellaswag,truthfulqa_mc2,mmlu"
@@ -79,7 +79,7 @@ class Run:
 
 
 def default_gguf() -> Path:
-    from llmlab_fixtures.embedded import SMOLLM2, embedded_gguf
+    from llmlab_fixtures.models.gguf import SMOLLM2, embedded_gguf
 
     return embedded_gguf(SMOLLM2)
 
@@ -281,8 +281,8 @@ def lm_eval_requests(args: argparse.Namespace, task_dir: Path, task: str, name: 
 
 def llmlab_requests(args: argparse.Namespace, task_name: str) -> dict[str, list[list[Any]]]:
     """item id -> [[context, continuation], ...] as llmlab's evaluator builds them (generation: [[prompt, None]])."""
-    from llmlab_fixtures.datasets import load_docs
-    from llmlab_fixtures.prompts import ExemplarSampler, generation_request, loglikelihood_requests
+    from llmlab_fixtures.eval.datasets import load_docs
+    from llmlab_fixtures.eval.prompts import ExemplarSampler, generation_request, loglikelihood_requests
     from llmlab_fixtures.tasks import get_task
 
     task = get_task(task_name)

@@ -14,9 +14,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_common import default_data_dir
 
-from llmlab_fixtures.embedded import SMOLLM2, embedded_gguf
+from llmlab_fixtures.models.gguf import SMOLLM2, embedded_gguf
 from llmlab_fixtures.providers.base import LoglikelihoodRequest, LoglikelihoodResult
-from llmlab_fixtures.providers.llama_cpp import LlamaCppProvider
+from llmlab_fixtures.providers.llama_cpp.provider import LlamaCppProvider
 
 
 def load_arc(data_dir: Path, limit: int) -> list[list[LoglikelihoodRequest]]:

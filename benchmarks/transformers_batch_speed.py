@@ -20,14 +20,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_common import default_data_dir
 
-from llmlab_fixtures.datasets import load_docs
-from llmlab_fixtures.prompts import ExemplarSampler, loglikelihood_requests
+from llmlab_fixtures.eval.datasets import load_docs
+from llmlab_fixtures.eval.prompts import ExemplarSampler, loglikelihood_requests
+from llmlab_fixtures.models.registry import builtin_models
+from llmlab_fixtures.models.specs import parse_spec
 from llmlab_fixtures.providers import BackendSettings
 from llmlab_fixtures.providers.base import LoglikelihoodRequest, LoglikelihoodResult
-from llmlab_fixtures.providers.llama_cpp import LlamaCppProvider
-from llmlab_fixtures.providers.transformers_backend import TransformersProvider, make_provider
-from llmlab_fixtures.registry import builtin_models
-from llmlab_fixtures.specs import parse_spec
+from llmlab_fixtures.providers.llama_cpp.provider import LlamaCppProvider
+from llmlab_fixtures.providers.transformers.provider import TransformersProvider, make_provider
 from llmlab_fixtures.tasks import get_task
 
 

@@ -13,27 +13,27 @@ from typing import Any
 
 import pytest
 
-from llmlab_fixtures.auto_workers import auto_workers_line
-from llmlab_fixtures.availability import UnavailableModel, split_available
-from llmlab_fixtures.collect import ResultCollector, summary_property
-from llmlab_fixtures.comparison import Report, terminal_lines
-from llmlab_fixtures.cost import add_cost_options, cost_settings_from_pytest
 from llmlab_fixtures.errors import LlmlabError
-from llmlab_fixtures.network import NetworkGuard
-from llmlab_fixtures.options import RunConfig, add_options, build_run_config
-from llmlab_fixtures.paired import PairedComparison
+from llmlab_fixtures.eval.summary import TaskSummary, record_properties
 from llmlab_fixtures.providers.base import SpeedProbeUnsupported
-from llmlab_fixtures.session import (
+from llmlab_fixtures.reports.comparison import Report, terminal_lines
+from llmlab_fixtures.reports.cost import add_cost_options, cost_settings_from_pytest
+from llmlab_fixtures.reports.paired import PairedComparison
+from llmlab_fixtures.reports.results_dir import remove_parts, write_run
+from llmlab_fixtures.reports.speed import XDIST_SKIP, SpeedFigure, measure, speed_property
+from llmlab_fixtures.reports.table import agreement_table, comparison_table, privacy_note
+from llmlab_fixtures.run.auto_workers import auto_workers_line
+from llmlab_fixtures.run.availability import UnavailableModel, split_available
+from llmlab_fixtures.run.controller import ResultCollector, summary_property
+from llmlab_fixtures.run.network import NetworkGuard
+from llmlab_fixtures.run.options import RunConfig, add_options, build_run_config
+from llmlab_fixtures.run.worker import (
     BenchSession,
     LoadedModel,
     backend_settings,
     merge_unloads,
     run_scoring,
 )
-from llmlab_fixtures.speed import XDIST_SKIP, SpeedFigure, measure, speed_property
-from llmlab_fixtures.storage import remove_parts, write_run
-from llmlab_fixtures.summary import TaskSummary, record_properties
-from llmlab_fixtures.table import agreement_table, comparison_table, privacy_note
 
 RUN_CONFIG = pytest.StashKey[RunConfig]()
 SESSION = pytest.StashKey[BenchSession]()
@@ -133,7 +133,7 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     """With ``--dist loadgroup`` (set by llmlab for ``-n``), schedule one work unit per model."""
     if config.getvalue("dist") != "loadgroup" or RUN_CONFIG not in config.stash:
         return None
-    from llmlab_fixtures.scheduling import ModelScheduling
+    from llmlab_fixtures.run.scheduling import ModelScheduling
 
     return ModelScheduling(config, log, labels=[m.label for m in config.stash[RUN_CONFIG].models])
 
@@ -282,7 +282,7 @@ class ControllerHooks:
         """pytest-html (when installed): the comparison tables and plots in the report's summary."""
         self.finish_results()
         if self.report is not None:
-            from llmlab_fixtures.html_report import pytest_html_fragment
+            from llmlab_fixtures.reports.html_report import pytest_html_fragment
 
             postfix.append(pytest_html_fragment(self.report))
 

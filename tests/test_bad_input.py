@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from llmlab_fixtures.embedded import SMOLLM2, embedded_gguf
+from llmlab_fixtures.models.gguf import SMOLLM2, embedded_gguf
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ import pytest
 FULL_DISK_SCRIPT = textwrap.dedent("""
     import resource, signal, sys
     from pathlib import Path
-    from llmlab_fixtures.storage import atomic_write_text
+    from llmlab_fixtures.reports.results_dir import atomic_write_text
 
     target = Path(sys.argv[1])
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, like ENOSPC

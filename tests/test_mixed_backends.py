@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from llmlab_fixtures.embedded import SMOLLM2, embedded_gguf
+from llmlab_fixtures.models.gguf import SMOLLM2, embedded_gguf
 from llmlab_fixtures.testing.anthropic_server import running_anthropic_server
 from llmlab_fixtures.testing.ollama_server import running_ollama_server
 from llmlab_fixtures.testing.openai_server import running_llama_cpp_openai_server

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from llmlab_fixtures.metrics import wilson_interval
+from llmlab_fixtures.eval.metrics import wilson_interval
 
 SMOLLM = "llama-cpp:smollm2-135m"
 GEMMA = "llama-cpp:gemma3-270m"

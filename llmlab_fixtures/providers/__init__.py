@@ -13,6 +13,7 @@ from pathlib import Path
 from types import ModuleType
 
 from llmlab_fixtures.errors import ModelUnavailable
+from llmlab_fixtures.models.specs import ModelSpec
 from llmlab_fixtures.providers.base import (
     GenerationRequest,
     GenerationResult,
@@ -21,7 +22,6 @@ from llmlab_fixtures.providers.base import (
     ModelInfo,
     Provider,
 )
-from llmlab_fixtures.specs import ModelSpec
 
 __all__ = [
     "BackendSettings",
@@ -36,8 +36,8 @@ __all__ = [
 ]
 
 BACKEND_MODULES = {
-    "llama-cpp": "llmlab_fixtures.providers.llama_cpp",
-    "transformers": "llmlab_fixtures.providers.transformers_backend",
+    "llama-cpp": "llmlab_fixtures.providers.llama_cpp.provider",
+    "transformers": "llmlab_fixtures.providers.transformers.provider",
     "ollama": "llmlab_fixtures.providers.ollama",
     "openai": "llmlab_fixtures.providers.openai_api",
     "openai-compat": "llmlab_fixtures.providers.openai_api",

@@ -33,8 +33,8 @@ from llmlab_fixtures.providers.cloud import (
 )
 
 if TYPE_CHECKING:
+    from llmlab_fixtures.models.specs import ModelSpec
     from llmlab_fixtures.providers import BackendSettings
-    from llmlab_fixtures.specs import ModelSpec
 
 KEY_VARIABLE = "ANTHROPIC_API_KEY"
 DEFAULT_BASE_URL = "https://api.anthropic.com"

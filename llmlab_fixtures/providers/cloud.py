@@ -28,13 +28,13 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from llmlab_fixtures.errors import CredentialsMissing, LlmlabError, ModelUnavailable
-from llmlab_fixtures.metrics import cut_at_stop
-from llmlab_fixtures.network import data_location
+from llmlab_fixtures.eval.metrics import cut_at_stop
 from llmlab_fixtures.providers.base import GenerationRequest, GenerationResult, ModelInfo, Provider
+from llmlab_fixtures.run.network import data_location
 
 if TYPE_CHECKING:
+    from llmlab_fixtures.models.specs import ModelSpec
     from llmlab_fixtures.providers import BackendSettings
-    from llmlab_fixtures.specs import ModelSpec
 
 RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504, 529})
 REDACTED = "[redacted]"

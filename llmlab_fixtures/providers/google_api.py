@@ -35,8 +35,8 @@ from llmlab_fixtures.providers.cloud import (
 )
 
 if TYPE_CHECKING:
+    from llmlab_fixtures.models.specs import ModelSpec
     from llmlab_fixtures.providers import BackendSettings
-    from llmlab_fixtures.specs import ModelSpec
 
 KEY_VARIABLES = ("GOOGLE_API_KEY", "GEMINI_API_KEY")
 BASE_URL_VARIABLE = "GOOGLE_GEMINI_BASE_URL"

@@ -13,9 +13,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from llmlab_fixtures.errors import LlmlabError, ModelUnavailable
-from llmlab_fixtures.metrics import cut_at_stop
-from llmlab_fixtures.network import data_location
+from llmlab_fixtures.eval.metrics import cut_at_stop
 from llmlab_fixtures.providers.base import GenerationRequest, GenerationResult, ModelInfo, Provider
+from llmlab_fixtures.run.network import data_location
 
 KEEP_ALIVE = "30m"  # how long Ollama keeps the model loaded between items
 ALL_LAYERS = 999  # num_gpu for --gpu-layers -1: more layers than any model has, i.e. offload everything
@@ -66,7 +66,7 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
 
 def _blocked_by_guard(exc: BaseException) -> BaseException | None:
     """The --local-only guard's refusal hidden in ``exc``'s chain, if that is why the connection failed."""
-    from llmlab_fixtures.network import RemoteConnectionBlocked
+    from llmlab_fixtures.run.network import RemoteConnectionBlocked
 
     seen: set[int] = set()
     current: BaseException | None = exc

@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from llmlab_fixtures.errors import ModelUnavailable
-from llmlab_fixtures.network import is_loopback_host
 from llmlab_fixtures.providers.base import GenerationRequest
 from llmlab_fixtures.providers.cloud import (
     ApiFailure,
@@ -43,10 +42,11 @@ from llmlab_fixtures.providers.cloud import (
     status_failure,
     transport_failure,
 )
+from llmlab_fixtures.run.network import is_loopback_host
 
 if TYPE_CHECKING:
+    from llmlab_fixtures.models.specs import ModelSpec
     from llmlab_fixtures.providers import BackendSettings
-    from llmlab_fixtures.specs import ModelSpec
 
 OPENAI_KEY_VARIABLE = "OPENAI_API_KEY"
 COMPAT_KEY_VARIABLE = "LLMLAB_OPENAI_COMPAT_API_KEY"

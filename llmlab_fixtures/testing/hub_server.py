@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from llmlab_fixtures.embedded import sha256_file
+from llmlab_fixtures.models.gguf import sha256_file
 from llmlab_fixtures.testing.loopback import LoopbackHandler, RecordedRequest, serve
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

@@ -293,7 +293,7 @@ def serve(handler: type[LoopbackHandler], state_factory: Any) -> Iterator[Loopba
 def load_backing(model_path: Path | None, n_ctx: int = 2048, threads: int = 1) -> BackingModel:
     """The backing model: ``model_path``, or the embedded SmolLM2-135M-Instruct; ``threads`` for all decoding."""
     if model_path is None:
-        from llmlab_fixtures.embedded import SMOLLM2, embedded_gguf
+        from llmlab_fixtures.models.gguf import SMOLLM2, embedded_gguf
 
         model_path = embedded_gguf(SMOLLM2)
     model = BackingModel(Path(model_path), n_ctx=n_ctx, n_threads=threads)

@@ -33,8 +33,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, TextIO
 
-from llmlab_fixtures.cores import available_cores
 from llmlab_fixtures.providers.ollama import normalize_tag
+from llmlab_fixtures.run.cores import available_cores
 from llmlab_fixtures.testing.backing_model import BackingModel
 
 VERSION = "0.0.0"  # what a development build of Ollama reports
@@ -219,7 +219,7 @@ class ModelSlot:
     def header(self) -> dict[str, Any]:
         """The parsed GGUF header (key/values and tensor table; no weights are read)."""
         if self._header is None:
-            from llmlab_fixtures.embedded import check_gguf_file
+            from llmlab_fixtures.models.gguf import check_gguf_file
 
             self._header = check_gguf_file(self.path)
         return self._header
@@ -234,7 +234,7 @@ class ModelSlot:
         return int(kv.get("general.parameter_count") or self.header["tensor_elements"] or 0)
 
     def details(self) -> dict[str, Any]:
-        from llmlab_fixtures.embedded import gguf_metadata
+        from llmlab_fixtures.models.gguf import gguf_metadata
 
         meta = gguf_metadata(self.path)
         arch = self.architecture
@@ -256,7 +256,7 @@ class ModelSlot:
 
     def memory_size(self) -> int:
         """Bytes the loaded model takes: the file plus an f16 KV cache of ``n_ctx`` positions."""
-        from llmlab_fixtures.embedded import gguf_metadata
+        from llmlab_fixtures.models.gguf import gguf_metadata
 
         meta = gguf_metadata(self.path)
         n_layer = int(meta.get("block_count") or 0)
@@ -1130,8 +1130,8 @@ class OllamaServer:
 
 def default_models() -> dict[str, Path]:
     """The embedded SmolLM2-135M-Instruct as ``smollm2:135m`` and, when its GGUF is available, ``gemma3:270m``."""
-    from llmlab_fixtures.embedded import GEMMA3_270M, SMOLLM2, embedded_gguf
     from llmlab_fixtures.errors import ModelUnavailable
+    from llmlab_fixtures.models.gguf import GEMMA3_270M, SMOLLM2, embedded_gguf
 
     models = {"smollm2:135m": embedded_gguf(SMOLLM2)}
     with contextlib.suppress(ModelUnavailable):

@@ -1,0 +1,1 @@
+"""The ``llmlab`` command and its subcommands."""

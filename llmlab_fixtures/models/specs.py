@@ -1,0 +1,155 @@
+"""Model specs from the command line (``local:smollm2-135m``, ``llama-cpp:/m.gguf``, ``gpt-4o-mini``)."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+from llmlab_fixtures.errors import ConfigError
+from llmlab_fixtures.models.registry import BACKENDS, CLOUD_BACKENDS, ModelEntry, close_matches
+from llmlab_fixtures.run.network import is_loopback_host
+
+_PREFIX_ALIASES = {
+    "llamacpp": "llama-cpp",
+    "llama_cpp": "llama-cpp",
+    "gguf": "llama-cpp",
+    "hf": "transformers",
+    "gemini": "google",
+    "claude": "anthropic",
+}
+# Unregistered bare cloud model names are routed by their family prefix.
+_CLOUD_FAMILIES = (("gpt-", "openai"), ("o1", "openai"), ("o3", "openai"), ("o4", "openai"),
+                   ("claude-", "anthropic"), ("gemini-", "google"))
+
+SPEC_SYNTAX = (
+    "local:<alias>, llama-cpp:<alias|file.gguf>, transformers:<alias|repo|dir>, ollama:<tag>, "
+    "openai:<model>, anthropic:<model>, google:<model>, openai-compat:<base_url>#<model>, or a registered alias"
+)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A requested model: which backend runs it and what it points at."""
+
+    raw: str  # as the user wrote it
+    backend: str
+    target: str  # alias, file path, repo id, Ollama tag or API model name
+    entry: ModelEntry | None = None  # registry entry when target is an alias
+    base_url: str | None = None  # openai-compat endpoints
+    api_key_env: str | None = None  # openai-compat: the variable holding that host's key (registry entries)
+
+    @property
+    def label(self) -> str:
+        """The model's name in tables, test ids and results: ``<backend>:<alias or target>`` for local models."""
+        if self.backend in CLOUD_BACKENDS and self.backend != "openai-compat":
+            return self.target if self.entry is None else self.entry.alias
+        short = self.entry.alias if self.entry else self.target
+        if self.backend == "openai-compat":
+            return f"openai-compat:{short}"
+        if self.backend == "llama-cpp" and self.entry is None:
+            short = Path(self.target).name
+        return f"{self.backend}:{short}"
+
+    @property
+    def is_local(self) -> bool:
+        return self.backend not in CLOUD_BACKENDS or _is_loopback_url(self.base_url)
+
+
+def _is_loopback_url(url: str | None) -> bool:
+    from urllib.parse import urlparse
+
+    return bool(url) and is_loopback_host(urlparse(url).hostname)
+
+
+def backend_installed(backend: str) -> bool:
+    """Whether the Python package a local backend needs can be imported."""
+    module = {"llama-cpp": "llama_cpp", "transformers": "transformers", "ollama": "ollama"}.get(backend)
+    return module is None or importlib.util.find_spec(module) is not None
+
+
+def _best_local_backend(entry: ModelEntry) -> str | None:
+    for backend in ("llama-cpp", "transformers", "ollama"):
+        if backend in entry.sources and backend_installed(backend):
+            return backend
+    return None
+
+
+def parse_spec(raw: str, models: dict[str, ModelEntry], *, use_local: bool = False) -> ModelSpec:
+    """Turn one ``--models`` item into a ModelSpec; unknown names raise ConfigError with close matches."""
+    text = raw.strip()
+    if not text:
+        raise ConfigError("empty model name in --models; separate models with commas, e.g. --models=local:smollm2-135m")
+    prefix, sep, rest = text.partition(":")
+    prefix = _PREFIX_ALIASES.get(prefix.lower(), prefix.lower()) if sep else ""
+    if sep and prefix == "local":
+        return _local_spec(text, rest, models)
+    if sep and prefix in BACKENDS:
+        if prefix == "openai-compat":
+            base_url, hash_sign, model = rest.rpartition("#")
+            if not hash_sign or not base_url or not model:
+                raise ConfigError(f"model spec {raw!r}: write openai-compat:<base_url>#<model>, e.g. "
+                                  "openai-compat:http://127.0.0.1:8080/v1#smollm2")
+            return ModelSpec(text, prefix, model, models.get(model), base_url=base_url)
+        return ModelSpec(text, prefix, rest, models.get(rest))
+    if text in models:
+        entry = models[text]
+        if entry.local_backends and (use_local or not entry.cloud_backends):
+            return _local_spec(text, text, models)
+        return _cloud_spec(text, entry)
+    if text.lower().endswith(".gguf"):
+        return ModelSpec(text, "llama-cpp", text)
+    for family, backend in _CLOUD_FAMILIES:
+        if text.lower().startswith(family):
+            return ModelSpec(text, backend, text)
+    raise ConfigError(_unknown_model_message(text, models))
+
+
+def _cloud_spec(raw: str, entry: ModelEntry) -> ModelSpec:
+    backend = entry.cloud_backends[0]
+    source = entry.sources[backend]
+    if backend == "openai-compat":  # {base_url, model, api_key_env}
+        if not isinstance(source, dict) or not source.get("base_url") or not source.get("model"):
+            raise ConfigError(f"model {entry.alias!r}: its openai-compat source needs base_url and model")
+        return ModelSpec(raw, backend, source["model"], entry, base_url=source["base_url"],
+                         api_key_env=source.get("api_key_env"))
+    return ModelSpec(raw, backend, str(source), entry)
+
+
+def _local_spec(raw: str, target: str, models: dict[str, ModelEntry]) -> ModelSpec:
+    if target.lower().endswith(".gguf"):
+        return ModelSpec(raw, "llama-cpp", target)
+    entry = models.get(target)
+    if entry is None:
+        if Path(target).is_dir():
+            return ModelSpec(raw, "transformers", target)
+        raise ConfigError(_unknown_model_message(target, models))
+    backend = _best_local_backend(entry)
+    if backend is None:
+        if not entry.local_backends:
+            raise ConfigError(f"model {target!r} has no local form (it is served by {', '.join(entry.backends)}); "
+                              f"drop 'local:' to use the API")
+        needed = " or ".join(entry.local_backends)
+        raise ConfigError(f"model {target!r} needs a local backend ({needed}) that is not installed; "
+                          "pip install llama-cpp-python (or transformers)")
+    return ModelSpec(raw, backend, target, entry)
+
+
+def _unknown_model_message(name: str, models: dict[str, ModelEntry]) -> str:
+    matches = close_matches(name, models)
+    hint = f"did you mean {', '.join(matches)}? " if matches else ""
+    return (f"unknown model {name!r}: {hint}`llmlab models` lists the registered aliases; "
+            f"a model spec is one of {SPEC_SYNTAX}")
+
+
+def parse_specs(value: str, models: dict[str, ModelEntry], *, use_local: bool = False) -> list[ModelSpec]:
+    """Parse a comma-separated ``--models`` value; duplicates are dropped, order kept."""
+    specs: list[ModelSpec] = []
+    for raw in value.split(","):
+        if raw.strip():
+            spec = parse_spec(raw, models, use_local=use_local)
+            if spec.label not in {s.label for s in specs}:
+                specs.append(spec)
+    if not specs:
+        raise ConfigError("--models is empty; give e.g. --models=local:smollm2-135m")
+    return specs
