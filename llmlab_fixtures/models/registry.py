@@ -15,11 +15,17 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-LOCAL_BACKENDS = ("llama-cpp", "transformers", "ollama")
-CLOUD_BACKENDS = ("openai", "openai-compat", "anthropic", "google")
-BACKENDS = LOCAL_BACKENDS + CLOUD_BACKENDS
-_SOURCE_KEYS = {"gguf": "llama-cpp", "transformers": "transformers", "ollama": "ollama"}
-_SOURCE_KEYS.update({name: name for name in CLOUD_BACKENDS})
+from llmlab_fixtures.providers import backends
+
+
+def local_backends() -> tuple[str, ...]:
+    """Backends that run on this machine (in-process or a local server), in the order ``local:`` tries them."""
+    return tuple(b.name for b in backends() if not b.hosted)
+
+
+def hosted_backends() -> tuple[str, ...]:
+    """Backends that reach a remote API."""
+    return tuple(b.name for b in backends() if b.hosted)
 
 
 @dataclass(frozen=True)
@@ -44,11 +50,11 @@ class ModelEntry:
 
     @property
     def local_backends(self) -> list[str]:
-        return [b for b in self.sources if b in LOCAL_BACKENDS]
+        return [b for b in self.sources if b in local_backends()]
 
     @property
     def cloud_backends(self) -> list[str]:
-        return [b for b in self.sources if b in CLOUD_BACKENDS]
+        return [b for b in self.sources if b in hosted_backends()]
 
     @property
     def gguf_files(self) -> dict[str, str]:
@@ -74,7 +80,7 @@ class ModelEntry:
 
 
 def _entry(alias: str, data: dict[str, Any]) -> ModelEntry:
-    sources = {backend: data[key] for key, backend in _SOURCE_KEYS.items() if key in data}
+    sources = {b.name: data[b.registry_key] for b in backends() if b.registry_key in data}
     return ModelEntry(
         alias=alias,
         display_name=data.get("display_name", alias),

@@ -7,20 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmlab_fixtures.errors import ConfigError
-from llmlab_fixtures.models.registry import BACKENDS, CLOUD_BACKENDS, ModelEntry, close_matches
+from llmlab_fixtures.models.registry import ModelEntry, close_matches, local_backends
+from llmlab_fixtures.providers import Backend, backend_named, backends
 from llmlab_fixtures.run.network import is_loopback_host
-
-_PREFIX_ALIASES = {
-    "llamacpp": "llama-cpp",
-    "llama_cpp": "llama-cpp",
-    "gguf": "llama-cpp",
-    "hf": "transformers",
-    "gemini": "google",
-    "claude": "anthropic",
-}
-# Unregistered bare cloud model names are routed by their family prefix.
-_CLOUD_FAMILIES = (("gpt-", "openai"), ("o1", "openai"), ("o3", "openai"), ("o4", "openai"),
-                   ("claude-", "anthropic"), ("gemini-", "google"))
 
 SPEC_SYNTAX = (
     "local:<alias>, llama-cpp:<alias|file.gguf>, transformers:<alias|repo|dir>, ollama:<tag>, "
@@ -40,20 +29,28 @@ class ModelSpec:
     api_key_env: str | None = None  # openai-compat: the variable holding that host's key (registry entries)
 
     @property
+    def info(self) -> Backend:
+        """The descriptor of this spec's backend."""
+        found = backend_named(self.backend)
+        if found is None:
+            raise ConfigError(f"model {self.raw!r}: unknown backend {self.backend!r}; "
+                              f"choose among {', '.join(b.name for b in backends())}")
+        return found
+
+    @property
     def label(self) -> str:
-        """The model's name in tables, test ids and results: ``<backend>:<alias or target>`` for local models."""
-        if self.backend in CLOUD_BACKENDS and self.backend != "openai-compat":
+        """The model's name in tables, test ids and results: ``<backend>:<alias or target>``, except a hosted API's
+        model, which is its bare name."""
+        if self.info.hosted and not self.info.url_spec:
             return self.target if self.entry is None else self.entry.alias
         short = self.entry.alias if self.entry else self.target
-        if self.backend == "openai-compat":
-            return f"openai-compat:{short}"
         if self.backend == "llama-cpp" and self.entry is None:
             short = Path(self.target).name
         return f"{self.backend}:{short}"
 
     @property
     def is_local(self) -> bool:
-        return self.backend not in CLOUD_BACKENDS or _is_loopback_url(self.base_url)
+        return not self.info.hosted or _is_loopback_url(self.base_url)
 
 
 def _is_loopback_url(url: str | None) -> bool:
@@ -63,13 +60,14 @@ def _is_loopback_url(url: str | None) -> bool:
 
 
 def backend_installed(backend: str) -> bool:
-    """Whether the Python package a local backend needs can be imported."""
-    module = {"llama-cpp": "llama_cpp", "transformers": "transformers", "ollama": "ollama"}.get(backend)
-    return module is None or importlib.util.find_spec(module) is not None
+    """Whether the Python package a backend needs can be imported."""
+    found = backend_named(backend)
+    package = found.package if found else None
+    return package is None or importlib.util.find_spec(package) is not None
 
 
 def _best_local_backend(entry: ModelEntry) -> str | None:
-    for backend in ("llama-cpp", "transformers", "ollama"):
+    for backend in local_backends():
         if backend in entry.sources and backend_installed(backend):
             return backend
     return None
@@ -81,17 +79,17 @@ def parse_spec(raw: str, models: dict[str, ModelEntry], *, use_local: bool = Fal
     if not text:
         raise ConfigError("empty model name in --models; separate models with commas, e.g. --models=local:smollm2-135m")
     prefix, sep, rest = text.partition(":")
-    prefix = _PREFIX_ALIASES.get(prefix.lower(), prefix.lower()) if sep else ""
-    if sep and prefix == "local":
+    if sep and prefix.lower() == "local":
         return _local_spec(text, rest, models)
-    if sep and prefix in BACKENDS:
-        if prefix == "openai-compat":
+    backend = backend_named(prefix.lower()) if sep else None
+    if backend is not None:
+        if backend.url_spec:
             base_url, hash_sign, model = rest.rpartition("#")
             if not hash_sign or not base_url or not model:
-                raise ConfigError(f"model spec {raw!r}: write openai-compat:<base_url>#<model>, e.g. "
-                                  "openai-compat:http://127.0.0.1:8080/v1#smollm2")
-            return ModelSpec(text, prefix, model, models.get(model), base_url=base_url)
-        return ModelSpec(text, prefix, rest, models.get(rest))
+                raise ConfigError(f"model spec {raw!r}: write {backend.name}:<base_url>#<model>, e.g. "
+                                  f"{backend.name}:http://127.0.0.1:8080/v1#smollm2")
+            return ModelSpec(text, backend.name, model, models.get(model), base_url=base_url)
+        return ModelSpec(text, backend.name, rest, models.get(rest))
     if text in models:
         entry = models[text]
         if entry.local_backends and (use_local or not entry.cloud_backends):
@@ -99,18 +97,18 @@ def parse_spec(raw: str, models: dict[str, ModelEntry], *, use_local: bool = Fal
         return _cloud_spec(text, entry)
     if text.lower().endswith(".gguf"):
         return ModelSpec(text, "llama-cpp", text)
-    for family, backend in _CLOUD_FAMILIES:
-        if text.lower().startswith(family):
-            return ModelSpec(text, backend, text)
+    for backend in backends():  # an unregistered bare API model name goes to the backend of its family
+        if text.lower().startswith(backend.model_families):
+            return ModelSpec(text, backend.name, text)
     raise ConfigError(_unknown_model_message(text, models))
 
 
 def _cloud_spec(raw: str, entry: ModelEntry) -> ModelSpec:
     backend = entry.cloud_backends[0]
     source = entry.sources[backend]
-    if backend == "openai-compat":  # {base_url, model, api_key_env}
+    if backend_named(backend).url_spec:  # {base_url, model, api_key_env}
         if not isinstance(source, dict) or not source.get("base_url") or not source.get("model"):
-            raise ConfigError(f"model {entry.alias!r}: its openai-compat source needs base_url and model")
+            raise ConfigError(f"model {entry.alias!r}: its {backend} source needs base_url and model")
         return ModelSpec(raw, backend, source["model"], entry, base_url=source["base_url"],
                          api_key_env=source.get("api_key_env"))
     return ModelSpec(raw, backend, str(source), entry)

@@ -1,20 +1,26 @@
-"""Backends behind one interface, and the factory that turns a ModelSpec into a Provider.
+"""Backends behind one interface: the catalog of backend descriptors, and the factory that turns a ModelSpec into a
+Provider.
 
-Each backend module exposes ``check_spec(spec, settings)`` (cheap: file present, key set, server up, model
-pulled; raises ModelUnavailable with the fix) and ``make_provider(spec, settings)`` (an uninitialised Provider).
-Modules are imported lazily so a run never imports SDKs it does not use.
+Each backend declares a ``Backend`` descriptor in its own module (``BACKENDS``; a package declares it in its
+``__init__``), whose ``module`` exposes ``check_spec(spec, settings)`` (cheap: file present, key set, server up,
+model pulled; raises ModelUnavailable with the fix) and ``make_provider(spec, settings)`` (an uninitialised
+Provider). Descriptor modules import no SDK, so a run never imports SDKs it does not use. Adding a backend is one
+module (or package) here that declares its descriptor.
 """
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 from llmlab_fixtures.errors import ModelUnavailable
-from llmlab_fixtures.models.specs import ModelSpec
 from llmlab_fixtures.providers.base import (
+    Backend,
     GenerationRequest,
     GenerationResult,
     LoglikelihoodRequest,
@@ -23,7 +29,11 @@ from llmlab_fixtures.providers.base import (
     Provider,
 )
 
+if TYPE_CHECKING:
+    from llmlab_fixtures.models.specs import ModelSpec
+
 __all__ = [
+    "Backend",
     "BackendSettings",
     "GenerationRequest",
     "GenerationResult",
@@ -31,19 +41,28 @@ __all__ = [
     "LoglikelihoodResult",
     "ModelInfo",
     "Provider",
+    "backend_named",
+    "backends",
     "check_available",
     "create_provider",
 ]
 
-BACKEND_MODULES = {
-    "llama-cpp": "llmlab_fixtures.providers.llama_cpp.provider",
-    "transformers": "llmlab_fixtures.providers.transformers.provider",
-    "ollama": "llmlab_fixtures.providers.ollama",
-    "openai": "llmlab_fixtures.providers.openai_api",
-    "openai-compat": "llmlab_fixtures.providers.openai_api",
-    "anthropic": "llmlab_fixtures.providers.anthropic_api",
-    "google": "llmlab_fixtures.providers.google_api",
-}
+
+@cache
+def backends() -> tuple[Backend, ...]:
+    """Every backend, from the descriptors the modules of this package declare, in rank order."""
+    found: list[Backend] = []
+    for module in pkgutil.iter_modules(__path__):
+        found.extend(getattr(importlib.import_module(f"{__name__}.{module.name}"), "BACKENDS", ()))
+    return tuple(sorted(found, key=lambda backend: backend.rank))
+
+
+def backend_named(name: str) -> Backend | None:
+    """The backend whose spec prefix (or one of its aliases) is ``name``."""
+    for backend in backends():
+        if name in (backend.name, *backend.aliases):
+            return backend
+    return None
 
 
 @dataclass(frozen=True)
@@ -68,11 +87,11 @@ class BackendSettings:
 
 
 def _backend_module(spec: ModelSpec) -> ModuleType:
-    name = BACKEND_MODULES.get(spec.backend)
-    if name is None:
+    backend = backend_named(spec.backend)
+    if backend is None:
         raise ModelUnavailable(f"model {spec.raw!r}: unknown backend {spec.backend!r}; "
-                               f"choose among {', '.join(BACKEND_MODULES)}")
-    return importlib.import_module(name)
+                               f"choose among {', '.join(b.name for b in backends())}")
+    return importlib.import_module(backend.module)
 
 
 def check_available(spec: ModelSpec, settings: BackendSettings) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
-from llmlab_fixtures.providers.base import GenerationRequest
+from llmlab_fixtures.providers.base import Backend, GenerationRequest
 from llmlab_fixtures.providers.cloud import (
     ApiFailure,
     CloudProvider,
@@ -35,6 +35,9 @@ from llmlab_fixtures.providers.cloud import (
 if TYPE_CHECKING:
     from llmlab_fixtures.models.specs import ModelSpec
     from llmlab_fixtures.providers import BackendSettings
+
+BACKENDS = (Backend("anthropic", __name__, rank=60, aliases=("claude",), hosted=True, registry_key="anthropic",
+                    price_provider="anthropic", model_families=("claude-",)),)
 
 KEY_VARIABLE = "ANTHROPIC_API_KEY"
 DEFAULT_BASE_URL = "https://api.anthropic.com"

@@ -11,6 +11,25 @@ from llmlab_fixtures.errors import LlmlabError
 
 
 @dataclass(frozen=True)
+class Backend:
+    """What llmlab knows about a backend before loading it. Each backend module declares its own in ``BACKENDS``;
+    every list of backends (spec prefixes, registry sources, in-process checks, prices) is built from these."""
+
+    name: str  # the spec prefix: ``llama-cpp:...``
+    module: str  # where ``check_spec(spec, settings)`` and ``make_provider(spec, settings)`` live
+    rank: int  # order in listings; among local backends, the order ``local:<alias>`` tries them in
+    aliases: tuple[str, ...] = ()  # other prefixes users write (``gguf:``, ``hf:``, ``claude:``)
+    in_process: bool = False  # loads weights into this process: cores, memory checks, speed figures
+    loglik: bool = False  # scores multiple choice from its own log-probabilities
+    hosted: bool = False  # a remote API, billed by tokens; its data leaves the machine unless its URL is loopback
+    url_spec: bool = False  # the spec names a server: ``<backend>:<base_url>#<model>``
+    package: str | None = None  # the Python package it cannot run without (None: always importable)
+    registry_key: str | None = None  # the key of its source in a models.toml entry
+    price_provider: str | None = None  # genai-prices provider id for token prices
+    model_families: tuple[str, ...] = ()  # bare model names sent here by their start (``gpt-``, ``claude-``)
+
+
+@dataclass(frozen=True)
 class LoglikelihoodRequest:
     """Score ``continuation`` given ``context`` (lm-evaluation-harness semantics)."""
 

@@ -17,7 +17,7 @@ import json
 import os
 from typing import TYPE_CHECKING, Any
 
-from llmlab_fixtures.providers.base import GenerationRequest
+from llmlab_fixtures.providers.base import Backend, GenerationRequest
 from llmlab_fixtures.providers.cloud import (
     ApiFailure,
     CloudProvider,
@@ -37,6 +37,9 @@ from llmlab_fixtures.providers.cloud import (
 if TYPE_CHECKING:
     from llmlab_fixtures.models.specs import ModelSpec
     from llmlab_fixtures.providers import BackendSettings
+
+BACKENDS = (Backend("google", __name__, rank=70, aliases=("gemini",), hosted=True, registry_key="google",
+                    price_provider="google", model_families=("gemini-",)),)
 
 KEY_VARIABLES = ("GOOGLE_API_KEY", "GEMINI_API_KEY")
 BASE_URL_VARIABLE = "GOOGLE_GEMINI_BASE_URL"

@@ -14,8 +14,10 @@ from typing import Any
 
 from llmlab_fixtures.errors import LlmlabError, ModelUnavailable
 from llmlab_fixtures.eval.metrics import cut_at_stop
-from llmlab_fixtures.providers.base import GenerationRequest, GenerationResult, ModelInfo, Provider
+from llmlab_fixtures.providers.base import Backend, GenerationRequest, GenerationResult, ModelInfo, Provider
 from llmlab_fixtures.run.network import data_location
+
+BACKENDS = (Backend("ollama", __name__, rank=30, package="ollama", registry_key="ollama"),)
 
 KEEP_ALIVE = "30m"  # how long Ollama keeps the model loaded between items
 ALL_LAYERS = 999  # num_gpu for --gpu-layers -1: more layers than any model has, i.e. offload everything

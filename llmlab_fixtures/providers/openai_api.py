@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from llmlab_fixtures.errors import ModelUnavailable
-from llmlab_fixtures.providers.base import GenerationRequest
+from llmlab_fixtures.providers.base import Backend, GenerationRequest
 from llmlab_fixtures.providers.cloud import (
     ApiFailure,
     ApiKey,
@@ -47,6 +47,12 @@ from llmlab_fixtures.run.network import is_loopback_host
 if TYPE_CHECKING:
     from llmlab_fixtures.models.specs import ModelSpec
     from llmlab_fixtures.providers import BackendSettings
+
+BACKENDS = (
+    Backend("openai", __name__, rank=40, hosted=True, registry_key="openai", price_provider="openai",
+            model_families=("gpt-", "o1", "o3", "o4")),
+    Backend("openai-compat", __name__, rank=50, hosted=True, url_spec=True, registry_key="openai-compat"),
+)
 
 OPENAI_KEY_VARIABLE = "OPENAI_API_KEY"
 COMPAT_KEY_VARIABLE = "LLMLAB_OPENAI_COMPAT_API_KEY"

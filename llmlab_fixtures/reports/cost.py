@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from llmlab_fixtures.errors import ConfigError
-from llmlab_fixtures.models.registry import CLOUD_BACKENDS
+from llmlab_fixtures.providers import backend_named
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -26,7 +26,6 @@ else:  # pragma: no cover - Python 3.10
 HOURS_PER_MONTH = 730.0  # 8760 h / 12
 JOULES_PER_KWH = 3.6e6
 # genai-prices provider ids for llmlab's cloud backends (openai-compat: whoever serves the model name)
-GENAI_PROVIDERS = {"openai": "openai", "anthropic": "anthropic", "google": "google"}
 
 
 @dataclass(frozen=True)
@@ -236,7 +235,9 @@ class TaskCost:
 
 
 def is_cloud(backend: str) -> bool:
-    return backend in CLOUD_BACKENDS
+    """A hosted API, billed by tokens."""
+    found = backend_named(backend)
+    return found is not None and found.hosted
 
 
 def configured_price(model: str, api_model: str | None, prices: Mapping[str, ModelPrice]) -> ModelPrice | None:
@@ -255,7 +256,8 @@ def _genai_price(items: Sequence[Mapping[str, Any]], backend: str, api_model: st
         return None, "n/a: genai-prices is not installed (pip install genai-prices) and no price is configured"
     from genai_prices import Usage, calc_price
 
-    provider = GENAI_PROVIDERS.get(backend)
+    found = backend_named(backend)
+    provider = found.price_provider if found else None
     total = 0.0
     found = None
     for item in items:

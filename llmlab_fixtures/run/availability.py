@@ -32,9 +32,6 @@ class UnavailableModel:
         return f"skipped {self.label}: {self.reason}"
 
 
-IN_PROCESS_BACKENDS = ("llama-cpp", "transformers")
-
-
 def memory_limit(settings: BackendSettings) -> tuple[int, str]:
     """The bytes a model may take, and where that figure comes from (--max-memory, else available RAM)."""
     if settings.max_memory is not None:
@@ -47,7 +44,7 @@ def memory_limit(settings: BackendSettings) -> tuple[int, str]:
 def check_memory(spec: ModelSpec, settings: BackendSettings) -> None:
     """An in-process model whose estimated footprint exceeds free RAM (or, for the part offloaded to a GPU, free
     VRAM) is refused before it can exhaust the machine."""
-    if spec.backend not in IN_PROCESS_BACKENDS:
+    if not spec.info.in_process:
         return
     provider = create_provider(spec, settings)
     needed = provider.estimate_memory()

@@ -25,8 +25,6 @@ from llmlab_fixtures.run.options import RunConfig
 from llmlab_fixtures.run.progress import ProgressEstimate, item_weight
 from llmlab_fixtures.tasks import get_task
 
-LOGLIK_BACKENDS = ("llama-cpp", "transformers")
-
 
 def worker_id() -> str:
     """``gw0``, ``gw1``... under pytest-xdist, ``main`` otherwise."""
@@ -58,7 +56,7 @@ def run_scoring(config: RunConfig) -> str:
     """The multiple-choice method for the whole run: one table never mixes methods."""
     if config.scoring != "auto":
         return config.scoring
-    return "loglik" if all(m.backend in LOGLIK_BACKENDS for m in config.models) else "generate"
+    return "loglik" if all(m.info.loglik for m in config.models) else "generate"
 
 
 @dataclass
@@ -83,7 +81,7 @@ def load_model(spec: ModelSpec, config: RunConfig) -> LoadedModel:
 
     The load record keeps the process RSS before and after loading (``unload_model`` adds it after closing).
     """
-    in_process = sum(m.backend in LOGLIK_BACKENDS for m in config.models)
+    in_process = sum(m.info.in_process for m in config.models)
     settings = backend_settings(config, threads=config.threads or default_threads(in_process))
     provider = create_provider(spec, settings)
     rss_before = rss_bytes()
@@ -143,7 +141,7 @@ class BenchSession:
 
     def _core_share(self, spec: ModelSpec) -> CoreShare | None:
         """The core share ``spec`` takes part in: an in-process model under xdist with default threads."""
-        return self.cores if spec.backend in LOGLIK_BACKENDS else None
+        return self.cores if spec.info.in_process else None
 
     def load(self, spec: ModelSpec) -> LoadedModel:
         """Load ``spec`` for this worker (an in-process model takes its share of the cores)."""

@@ -413,14 +413,29 @@ def _build(raw: dict[str, Any], where: str) -> TaskDefinition:
     )
 
 
-def load_task_file(path: Path) -> TaskDefinition:
-    """Load and check one task YAML file; ConfigError names the file on any problem."""
+def read_task_yaml(path: Path, including: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A task file's mapping. ``include: other.yaml`` (relative to the file) starts from that file's mapping and
+    the including file's own keys replace its top-level keys (lm-evaluation-harness semantics)."""
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError(f"cannot read task file {path}: {exc}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"task file {path} does not hold a mapping")
+    include = raw.pop("include", None)
+    if include is None:
+        return raw
+    if not isinstance(include, str):
+        raise ConfigError(f"{path}: include should name one YAML file, got {include!r}")
+    base = (path.parent / include).resolve()
+    if base in (*including, path.resolve()):
+        raise ConfigError(f"{path}: include {include!r} loops back to a file that includes it")
+    return {**read_task_yaml(base, (*including, path.resolve())), **raw}
+
+
+def load_task_file(path: Path) -> TaskDefinition:
+    """Load and check one task YAML file; ConfigError names the file on any problem."""
+    raw = read_task_yaml(path)
     try:
         task = _build(raw, str(path))
     except (TypeError, ValueError) as exc:

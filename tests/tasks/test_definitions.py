@@ -32,6 +32,7 @@ from llmlab_fixtures.providers.base import (
     Provider,
 )
 from llmlab_fixtures.tasks import get_task, list_tasks
+from llmlab_fixtures.tasks.definitions import load_task_file
 
 ALL_TASKS = ["arc_challenge", "arc_easy", "gsm8k", "hellaswag", "mmlu", "truthfulqa_mc1", "truthfulqa_mc2"]
 
@@ -71,6 +72,29 @@ def test_unknown_task_lists_known_tasks_and_close_matches():
     assert "Did you mean arc_challenge" in message
     with pytest.raises(ConfigError, match="gsm8k"):
         get_task("gsm8")
+
+
+def test_arc_challenge_is_arc_easy_with_its_own_subset() -> None:
+    easy, challenge = get_task("arc_easy"), get_task("arc_challenge")
+    assert "include: arc_easy.yaml" in challenge.source.read_text()
+    assert (challenge.name, challenge.dataset_name, challenge.local_path) == ("arc_challenge", "ARC-Challenge",
+                                                                             "arc/ARC-Challenge")
+    assert challenge.doc_to_text == easy.doc_to_text and challenge.generate == easy.generate
+
+
+def test_include_overrides_top_level_keys_and_refuses_loops(tmp_path: Path) -> None:
+    base = get_task("arc_easy").source
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "mine.yaml").write_text(f"include: {base}\ntask: my_arc\nnum_fewshot: 3\n")
+    mine = load_task_file(tmp_path / "sub" / "mine.yaml")
+    assert (mine.name, mine.num_fewshot, mine.dataset_name) == ("my_arc", 3, "ARC-Easy")
+    (tmp_path / "a.yaml").write_text("include: b.yaml\ntask: a\n")
+    (tmp_path / "b.yaml").write_text("include: a.yaml\ntask: b\n")
+    with pytest.raises(ConfigError, match=r"b.yaml: include 'a.yaml' loops back to a file that includes it"):
+        load_task_file(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("include: missing.yaml\n")
+    with pytest.raises(ConfigError, match=r"cannot read task file .*missing\.yaml"):
+        load_task_file(tmp_path / "c.yaml")
 
 
 @pytest.mark.parametrize(

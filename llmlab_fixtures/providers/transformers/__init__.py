@@ -1,2 +1,7 @@
 """In-process Hugging Face transformers: the provider, token trees and their attention, GGUF conversion
 and generation."""
+
+from llmlab_fixtures.providers.base import Backend
+
+BACKENDS = (Backend("transformers", "llmlab_fixtures.providers.transformers.provider", rank=20, aliases=("hf",),
+                    in_process=True, loglik=True, package="transformers", registry_key="transformers"),)
