@@ -1,6 +1,7 @@
 """The pytest plugin: options, model fixtures, xdist grouping, result merging and the comparison table.
 
-Hooks stay thin; the work lives in options, session (worker side), collect (controller side) and storage.
+Hooks stay thin; the work lives in run/options.py, run/worker.py (worker side), run/controller.py (controller side:
+every merge of worker results) and reports/results_dir.py (the files written).
 """
 
 from __future__ import annotations
@@ -16,22 +17,21 @@ import pytest
 from llmlab_fixtures.errors import LlmlabError
 from llmlab_fixtures.eval.summary import TaskSummary, record_properties
 from llmlab_fixtures.providers.base import SpeedProbeUnsupported
-from llmlab_fixtures.reports.comparison import Report, terminal_lines
+from llmlab_fixtures.reports.comparison import Report
 from llmlab_fixtures.reports.cost import add_cost_options, cost_settings_from_pytest
-from llmlab_fixtures.reports.paired import PairedComparison
-from llmlab_fixtures.reports.results_dir import remove_parts, write_run
+from llmlab_fixtures.reports.results_dir import write_run
 from llmlab_fixtures.reports.speed import XDIST_SKIP, SpeedFigure, measure, speed_property
-from llmlab_fixtures.reports.table import agreement_table, comparison_table, privacy_note
+from llmlab_fixtures.reports.table import privacy_note
+from llmlab_fixtures.reports.terminal import terminal_report
 from llmlab_fixtures.run.auto_workers import auto_workers_line
 from llmlab_fixtures.run.availability import UnavailableModel, split_available
-from llmlab_fixtures.run.controller import ResultCollector, summary_property
+from llmlab_fixtures.run.controller import ResultCollector, merge_items, merge_unloads, remove_parts, summary_property
 from llmlab_fixtures.run.network import NetworkGuard
 from llmlab_fixtures.run.options import RunConfig, add_options, build_run_config
 from llmlab_fixtures.run.worker import (
     BenchSession,
     LoadedModel,
     backend_settings,
-    merge_unloads,
     run_scoring,
 )
 
@@ -240,7 +240,6 @@ class ControllerHooks:
         self.written: list[Path] = []
         self.summaries: list[TaskSummary] = []
         self.notes: list[str] = []
-        self.comparisons: list[PairedComparison] = []
         self.blocked: set[str] = set()
         self.report: Report | None = None
         self._finished = False
@@ -270,10 +269,10 @@ class ControllerHooks:
         merge_unloads(summaries, self.run.output_dir)
         self.notes = self._notes()
         if summaries or self.collector.speeds:
+            items = merge_items(self.run.output_dir, summaries)
             self.written, self.report = write_run(
-                self.run.output_dir, summaries, formats=self.run.export_formats, config=self.run.public_dict(),
-                notes=self.notes, cost=self.run.cost, speeds=self.collector.speeds)
-            self.comparisons = self.report.pairs
+                self.run.output_dir, summaries, items, formats=self.run.export_formats,
+                config=self.run.public_dict(), notes=self.notes, cost=self.run.cost, speeds=self.collector.speeds)
             remove_parts(self.run.output_dir)
 
     @pytest.hookimpl(optionalhook=True)
@@ -294,20 +293,12 @@ class ControllerHooks:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
-        speeds = self.collector.speeds
-        if self.summaries or speeds:
-            terminalreporter.write_sep("=", f"llmlab comparison ({run_scoring(self.run)} scoring)")
-            for line in comparison_table(self.summaries, speeds=speeds):
+        lines = (terminal_report(self.report, run_scoring(self.run)) if self.report is not None
+                 else [f"note: {note}" for note in self.notes])
+        for line in lines:
+            if line.startswith(("== ", "-- ")):
+                terminalreporter.write_sep(line[0], line[3:])
+            else:
                 terminalreporter.write_line(line)
-        if self.comparisons:
-            terminalreporter.write_sep("-", "same items, model against model")
-            for line in agreement_table(self.comparisons):
-                terminalreporter.write_line(line)
-        for title, lines in terminal_lines(self.report) if self.report is not None and self.summaries else ():
-            terminalreporter.write_sep("-", title)
-            for line in lines:
-                terminalreporter.write_line(line)
-        for note in self.notes:
-            terminalreporter.write_line(f"note: {note}")
         if self.written:
             terminalreporter.write_line(f"results: {', '.join(str(p) for p in self.written)}")

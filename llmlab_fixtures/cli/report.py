@@ -13,12 +13,12 @@ from typing import Any
 
 from llmlab_fixtures.errors import ConfigError
 from llmlab_fixtures.eval.summary import TaskSummary
-from llmlab_fixtures.reports.comparison import Report, build_report, terminal_lines
+from llmlab_fixtures.reports.comparison import Report, build_report
 from llmlab_fixtures.reports.cost import CostSettings, parse_number
 from llmlab_fixtures.reports.paired import read_items
 from llmlab_fixtures.reports.results_dir import atomic_write_text, write_report_files
 from llmlab_fixtures.reports.speed import SpeedFigure
-from llmlab_fixtures.reports.table import agreement_table, comparison_table
+from llmlab_fixtures.reports.terminal import terminal_report
 
 
 @dataclass
@@ -89,17 +89,6 @@ def combined_report(runs: Sequence[SavedRun], settings: CostSettings | None = No
                         speeds=[f for r in relabelled for f in r.speeds])
 
 
-def report_lines(report: Report, scoring: str) -> list[str]:
-    """The terminal text of a live run's summary: comparison, agreement, cost blocks and notes."""
-    lines = [f"== llmlab comparison ({scoring} scoring)", *comparison_table(report.summaries, speeds=report.speeds)]
-    if report.pairs:
-        lines += ["-- same items, model against model", *agreement_table(report.pairs)]
-    for title, block in terminal_lines(report):
-        lines += [f"-- {title}", *block]
-    lines += [f"note: {note}" for note in report.notes]
-    return lines
-
-
 def add_report_parser(commands: Any) -> None:
     """Register ``llmlab report`` on the ``llmlab`` command's subparsers."""
     parser = commands.add_parser("report", help="re-render tables, plots and HTML from saved results directories")
@@ -123,7 +112,7 @@ def run_report(args: argparse.Namespace) -> int:
         settings.sources["monthly_tokens"] = "llmlab report --monthly-tokens"
     report = combined_report(runs, settings)
     scoring = "/".join(sorted({r.scoring for r in runs}))
-    print("\n".join(report_lines(report, scoring)))
+    print("\n".join(terminal_report(report, scoring)))
     if args.output_dir is not None:
         out = args.output_dir
     else:

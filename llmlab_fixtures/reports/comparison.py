@@ -295,17 +295,3 @@ def markdown_sections(report: Report) -> list[str]:
         lines += ["", "## Total cost of ownership", "", *ownership_lines(report, markdown=True), ""]
         lines += [f"- {note}" for note in ownership_notes(report)]
     return lines
-
-
-def terminal_lines(report: Report) -> list[tuple[str, list[str]]]:
-    """Titled blocks for the terminal summary."""
-    blocks = [("cost, speed and accuracy (95% CI)", [*cost_table(report), "", *cost_notes(report)]),
-              ("cost assumptions", assumption_lines(report))]
-    if report.pairs:
-        blocks.append(("is the difference real? (exact McNemar)",
-                       significance_table([*report.pairs, *report.overall_pairs])))
-    blocks.append(("cost/accuracy Pareto front", pareto_lines(report)))
-    if report.settings.include_analysis:
-        blocks.append((f"total cost of ownership at {report.settings.monthly_tokens:,.0f} tokens/month",
-                       [*ownership_lines(report), *ownership_notes(report)]))
-    return blocks

@@ -221,6 +221,7 @@ class TaskCost:
     hardware_usd: float | None = None
     vm_usd: float | None = None  # time-based alternative: the VM's hourly price × wall time
     wall_s: float = 0.0
+    energy_meter: str | None = None  # which meters measured the energy: RAPL, NVML, CPU-time estimate
 
     @property
     def per_1k_tokens(self) -> float | None:
@@ -294,6 +295,15 @@ def cloud_cost(model: str, dataset: str, backend: str, api_model: str, items: Se
     return TaskCost(model, dataset, "cloud", scored, prompt + completion, cost, note)
 
 
+def meter_names(source: str | None) -> str | None:
+    """The meters of an energy source without their figures: ``RAPL``, ``RAPL + NVML``, ``CPU-time estimate``."""
+    if not source:
+        return None
+    pieces = source.split(" + ")
+    names = ("CPU-time estimate" if piece.startswith("estimate") else piece.split(" ")[0] for piece in pieces)
+    return " + ".join(dict.fromkeys(names))
+
+
 def local_cost(model: str, dataset: str, *, n_items: int, tokens: int, wall_s: float, energy_j: float | None,
                energy_source: str | None, settings: CostSettings) -> TaskCost:
     """Energy × electricity price plus hardware amortisation for the wall time (and the VM rate, if set)."""
@@ -308,7 +318,8 @@ def local_cost(model: str, dataset: str, *, n_items: int, tokens: int, wall_s: f
     note = (f"energy {energy_j:.0f} J [{energy_source}] × {settings.describe('electricity_usd_per_kwh')} + "
             f"{settings.describe('hardware_usd')} ÷ {settings.describe('hardware_lifetime_hours')} × {wall_s:.1f} s")
     return TaskCost(model, dataset, "local", n_items, tokens, energy + hardware, note, energy_j=energy_j,
-                    energy_usd=energy, hardware_usd=hardware, vm_usd=vm, wall_s=wall_s)
+                    energy_usd=energy, hardware_usd=hardware, vm_usd=vm, wall_s=wall_s,
+                    energy_meter=meter_names(energy_source))
 
 
 def task_cost(summary: Any, items: Sequence[Mapping[str, Any]], settings: CostSettings) -> TaskCost:
@@ -332,10 +343,11 @@ def combine_costs(model: str, costs: Sequence[TaskCost], dataset: str = "(all)")
         return None if any(v is None for v in values) else sum(values)
 
     note = missing[0].note if missing else f"sum of {len(costs)} datasets"
+    meters = " + ".join(dict.fromkeys(c.energy_meter for c in costs if c.energy_meter)) or None
     return TaskCost(model, dataset, costs[0].kind, sum(c.n_items for c in costs), sum(c.tokens for c in costs),
                     None if missing else sum(c.cost_usd or 0.0 for c in costs), note, energy_j=total("energy_j"),
                     energy_usd=total("energy_usd"), hardware_usd=total("hardware_usd"), vm_usd=total("vm_usd"),
-                    wall_s=sum(c.wall_s for c in costs))
+                    wall_s=sum(c.wall_s for c in costs), energy_meter=meters)
 
 
 @dataclass

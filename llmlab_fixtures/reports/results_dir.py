@@ -18,7 +18,7 @@ from llmlab_fixtures.eval.records import ItemRecord
 from llmlab_fixtures.eval.summary import SUMMARY_COLUMNS, TaskSummary
 from llmlab_fixtures.reports.comparison import Report, build_report, markdown_sections
 from llmlab_fixtures.reports.cost import CostSettings, genai_prices_version
-from llmlab_fixtures.reports.paired import PairedComparison, read_items
+from llmlab_fixtures.reports.paired import read_items
 from llmlab_fixtures.reports.speed import SpeedFigure
 from llmlab_fixtures.reports.table import markdown_report
 
@@ -54,6 +54,11 @@ class ItemWriter:
 
     def close(self) -> None:
         self._handle.close()
+
+
+def unload_path(output_dir: Path, load_id: str) -> Path:
+    """Where a worker records a model's unload (the controller merges it into results.json's model_loads)."""
+    return output_dir / PARTS_DIR / "unloads" / f"{load_id}.json"
 
 
 def part_path(output_dir: Path, worker: str, model: str, dataset: str) -> Path:
@@ -130,35 +135,14 @@ def model_loads(summaries: Iterable[TaskSummary]) -> dict[str, list[dict[str, An
     return {model: list(by_id.values()) for model, by_id in loads.items()}
 
 
-def merge_items(output_dir: Path, summaries: Sequence[TaskSummary]) -> Path:
-    """Concatenate the part files into items.jsonl in summary order, then remove the parts."""
-    target = output_dir / "items.jsonl"
-    chunks = []
-    for summary in summaries:
-        if summary.items_file and (output_dir / summary.items_file).is_file():
-            chunks.append((output_dir / summary.items_file).read_text(encoding="utf-8"))
-    atomic_write_text(target, "".join(chunks))
-    return target
-
-
-def write_results(output_dir: Path, summaries: Sequence[TaskSummary], *, formats: Sequence[str],
-                  config: dict[str, Any], notes: Sequence[str] = (),
-                  cost: CostSettings | None = None) -> tuple[list[Path], list[PairedComparison]]:
-    """Write the results directory; returns the files written and the model-against-model comparisons."""
-    written, report = write_run(output_dir, summaries, formats=formats, config=config, notes=notes, cost=cost)
-    return written, report.pairs
-
-
-def write_run(output_dir: Path, summaries: Sequence[TaskSummary], *, formats: Sequence[str], config: dict[str, Any],
-              notes: Sequence[str] = (), cost: CostSettings | None = None,
+def write_run(output_dir: Path, summaries: Sequence[TaskSummary], items: Path, *, formats: Sequence[str],
+              config: dict[str, Any], notes: Sequence[str] = (), cost: CostSettings | None = None,
               speeds: Sequence[SpeedFigure] = ()) -> tuple[list[Path], Report]:
-    """Merge the items, build the comparison report and write every requested format plus report.html."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    written = [merge_items(output_dir, summaries)]
-    report = build_report(summaries, read_items(written[0]), cost, notes, speeds=speeds)
+    """Build the comparison report of merged results (``items``: the merged items.jsonl) and write every
+    requested format."""
+    report = build_report(summaries, read_items(items), cost, notes, speeds=speeds)
     document = results_document(report, config)
-    written += write_report_files(output_dir, report, formats, document)
-    return written, report
+    return [items, *write_report_files(output_dir, report, formats, document)], report
 
 
 def results_document(report: Report, config: dict[str, Any]) -> dict[str, Any]:
@@ -201,9 +185,3 @@ def write_report_files(output_dir: Path, report: Report, formats: Sequence[str],
         atomic_write_text(written[-1], standalone_html(report))
     return written
 
-
-def remove_parts(output_dir: Path) -> None:
-    """Drop the per-worker part files once items.jsonl holds them."""
-    import shutil
-
-    shutil.rmtree(output_dir / PARTS_DIR, ignore_errors=True)

@@ -39,10 +39,11 @@ def text_grid(header: Sequence[str], rows: Sequence[Sequence[str]], markdown: bo
     return [lines[0], "-" * len(lines[0]), *lines[1:]] if rule else lines
 
 
-def comparison_table(summaries: Sequence[TaskSummary], markdown: bool = False,
-                     speeds: Sequence[SpeedFigure] = ()) -> list[str]:
+def comparison_table(summaries: Sequence[TaskSummary], markdown: bool = False, speeds: Sequence[SpeedFigure] = (),
+                     extra_rows: Sequence[Sequence[str]] = ()) -> list[str]:
     """Datasets × models: each cell is the dataset's primary metric ± stderr, and items/s; then the llama-bench
-    style speed rows (pp512, tg128, ttft) when the speed module ran."""
+    style speed rows (pp512, tg128, ttft) when the speed module ran, ``extra_rows`` (a label and a cell per model)
+    and where each model's data went."""
     models = list(dict.fromkeys([*(s.model for s in summaries), *(f.model for f in speeds)]))
     datasets = list(dict.fromkeys(s.dataset for s in summaries))
     by_key = {(s.model, s.dataset): s for s in summaries}
@@ -63,6 +64,7 @@ def comparison_table(summaries: Sequence[TaskSummary], markdown: bool = False,
             cells.append(f"{fixed(metric['value'])} ± {fixed(metric['stderr'])} ({speed})")
         rows.append(cells)
     rows += speed_cells(speeds, models)
+    rows += [list(row) for row in extra_rows]
     locations = {f.model: f.data_location for f in speeds} | {s.model: s.data_location for s in summaries}
     rows.append(["data sent to", *(locations.get(m, "-") for m in models)])
     return text_grid(["dataset (metric)", *models], rows, markdown)

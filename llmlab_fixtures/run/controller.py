@@ -1,12 +1,16 @@
-"""Controller side: gather TaskSummaries from test reports (local or from xdist workers) and order them."""
+"""Controller side: every merge of worker results happens here. Summaries arrive in test reports (local or from
+xdist workers); items and unload records arrive as part files the workers left in the results directory."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 from llmlab_fixtures.eval.summary import TaskSummary
+from llmlab_fixtures.reports.results_dir import PARTS_DIR, atomic_write_text, unload_path
 from llmlab_fixtures.reports.speed import SpeedFigure, speeds_from_properties
 
 SUMMARY_PROPERTY = "llmlab_summary"
@@ -48,3 +52,27 @@ class ResultCollector:
 
     def merged(self, model_order: Sequence[str]) -> list[TaskSummary]:
         return merge_summaries(self.summaries, model_order)
+
+
+def merge_unloads(summaries: Sequence[TaskSummary], output_dir: Path) -> None:
+    """Add each load's unload record (left by the worker that closed it) to the summaries' load info."""
+    for summary in summaries:
+        if summary.load and (path := unload_path(output_dir, summary.load.get("load_id", ""))).is_file():
+            summary.load.update(json.loads(path.read_text(encoding="utf-8")))
+
+
+def merge_items(output_dir: Path, summaries: Sequence[TaskSummary]) -> Path:
+    """Concatenate the workers' item part files into items.jsonl, in summary order."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    target = output_dir / "items.jsonl"
+    chunks = []
+    for summary in summaries:
+        if summary.items_file and (output_dir / summary.items_file).is_file():
+            chunks.append((output_dir / summary.items_file).read_text(encoding="utf-8"))
+    atomic_write_text(target, "".join(chunks))
+    return target
+
+
+def remove_parts(output_dir: Path) -> None:
+    """Drop the per-worker part files once items.jsonl and the summaries hold them."""
+    shutil.rmtree(output_dir / PARTS_DIR, ignore_errors=True)

@@ -6,7 +6,7 @@ import os
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,7 @@ from llmlab_fixtures.models.specs import ModelSpec
 from llmlab_fixtures.providers import BackendSettings, Provider, create_provider
 from llmlab_fixtures.reports.cost import CostSettings
 from llmlab_fixtures.reports.energy import measure_energy
-from llmlab_fixtures.reports.results_dir import PARTS_DIR, ItemWriter, atomic_write_text, part_path
+from llmlab_fixtures.reports.results_dir import PARTS_DIR, ItemWriter, atomic_write_text, part_path, unload_path
 from llmlab_fixtures.run.checkpoint import CheckpointStore, TaskCheckpoint, model_fingerprint
 from llmlab_fixtures.run.cores import CoreShare, available_cores
 from llmlab_fixtures.run.options import RunConfig
@@ -96,11 +96,6 @@ def load_model(spec: ModelSpec, config: RunConfig) -> LoadedModel:
     return LoadedModel(spec, provider, load)
 
 
-def unload_path(output_dir: Path, load_id: str) -> Path:
-    """Where a worker records a model's unload (merged into results.json's model_loads)."""
-    return output_dir / PARTS_DIR / "unloads" / f"{load_id}.json"
-
-
 def unload_model(model: LoadedModel, config: RunConfig) -> dict[str, Any]:
     """Close the model, free what Python still holds of it, and record the RSS after closing."""
     import gc
@@ -115,15 +110,6 @@ def unload_model(model: LoadedModel, config: RunConfig) -> dict[str, Any]:
     if model.load.get("load_id"):
         atomic_write_text(unload_path(config.output_dir, model.load["load_id"]), json.dumps(record))
     return record
-
-
-def merge_unloads(summaries: Sequence[TaskSummary], output_dir: Path) -> None:
-    """Add each load's unload record (left by the worker that closed it) to the summaries' load info."""
-    import json
-
-    for summary in summaries:
-        if summary.load and (path := unload_path(output_dir, summary.load.get("load_id", ""))).is_file():
-            summary.load.update(json.loads(path.read_text(encoding="utf-8")))
 
 
 class BenchSession:

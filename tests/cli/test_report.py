@@ -98,9 +98,13 @@ def test_every_format_holds_the_report(runs: dict[str, Path]) -> None:
     names = {p.name for p in run.iterdir()}
     assert {"items.jsonl", "summary.csv", "paired.csv", "summary.md", "results.json", "report.html"} <= names
     live = (runs["work"] / "live-a.txt").read_text()
-    for heading in ("cost, speed and accuracy (95% CI)", "cost assumptions", "is the difference real?",
-                    "cost/accuracy Pareto front", "total cost of ownership at 50,000,000 tokens/month"):
+    for heading in ("llmlab comparison", "all datasets (95% CI)", "cost / 1K items",
+                    "same items, model against model (exact McNemar test: is the difference real?)",
+                    " cost ", "total cost of ownership at 50,000,000 tokens/month"):
         assert heading in live
+    # the cost assumptions once, each local model's derivation on one line (the details are in the files)
+    assert live.count("electricity_usd_per_kwh") == 1 and live.count("J (CPU-time estimate)") + live.count(
+        "J (RAPL") == 2
     # every assumption printed with the source it came from
     assert "electricity_usd_per_kwh = 0.3 $/kWh (pyproject.toml [tool.llmlab])" in live
     assert "cpu_watts = 65 W (default)" in live

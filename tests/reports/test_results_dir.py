@@ -14,8 +14,8 @@ from llmlab_fixtures.eval.records import ItemRecord, MetricValue, TaskRun
 from llmlab_fixtures.eval.summary import SUMMARY_COLUMNS, TaskSummary, percentile, summarize
 from llmlab_fixtures.reports.comparison import build_report
 from llmlab_fixtures.reports.paired import read_items
-from llmlab_fixtures.reports.results_dir import atomic_write_text, summary_csv, write_results
-from llmlab_fixtures.run.controller import ResultCollector, merge_summaries, summary_property
+from llmlab_fixtures.reports.results_dir import atomic_write_text, summary_csv, write_run
+from llmlab_fixtures.run.controller import ResultCollector, merge_items, merge_summaries, summary_property
 
 MODELS = ["llama-cpp:b", "llama-cpp:a", "gpt-4o-mini"]
 DATASETS = ["mmlu", "arc_challenge", "gsm8k"]
@@ -60,8 +60,8 @@ def test_write_results_contract(tmp_path: Path) -> None:
     part.parent.mkdir(parents=True)
     part.write_text('{"item_id": "x"}\n')
     summaries[0].items_file = "parts/main/a.jsonl"
-    written, _ = write_results(tmp_path, summaries, formats=("csv", "json", "markdown", "html"),
-                               config={"limit": 4})
+    written, _ = write_run(tmp_path, summaries, merge_items(tmp_path, summaries),
+                           formats=("csv", "json", "markdown", "html"), config={"limit": 4})
     assert [p.name for p in written] == ["items.jsonl", "summary.csv", "summary.md", "results.json", "report.html"]
     assert (tmp_path / "items.jsonl").read_text() == '{"item_id": "x"}\n'
     with (tmp_path / "summary.csv").open() as handle:
