@@ -3,15 +3,15 @@ the plugin works without pytest-html."""
 
 from __future__ import annotations
 
-import importlib.util
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from llmlab_fixtures.testing.browser import find_chromium, screenshot
+
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "benchmarks"))
-from screenshot_report import find_chromium, screenshot  # noqa: E402
 
 needs_chromium = pytest.mark.skipif(find_chromium() is None,
                                     reason="chromium is not installed (apt-get install -y chromium)")
@@ -59,7 +59,8 @@ def test_the_plugin_works_without_pytest_html(bench_pytester: pytest.Pytester, d
 
 
 def test_screenshot_script_says_what_is_missing(tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location("screenshot_cli", REPO / "benchmarks" / "screenshot_report.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    assert module.main([str(tmp_path / "missing.html"), str(tmp_path / "x.png")]) == 2
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "screenshot_report.py"),
+                           str(tmp_path / "missing.html"), str(tmp_path / "x.png")], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.strip() == (f"screenshot_report: {tmp_path / 'missing.html'} does not exist; "
+                                   "give the path of an HTML report")
