@@ -27,7 +27,8 @@ def smollm2_provider(backend: str, threads: int) -> Provider:
         from llmlab_fixtures.providers.llama_cpp.provider import LlamaCppProvider
 
         return LlamaCppProvider(gguf, "llama-cpp:smollm2-135m", n_threads=threads)
-    from llmlab_fixtures.providers.transformers.provider import ModelSource, TransformersProvider
+    from llmlab_fixtures.providers.transformers.locate import ModelSource
+    from llmlab_fixtures.providers.transformers.provider import TransformersProvider
 
     return TransformersProvider(ModelSource("gguf", gguf), "transformers:smollm2-135m", device="cpu",
                                 threads=threads)

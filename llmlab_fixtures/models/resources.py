@@ -177,7 +177,7 @@ def torch_device_fallback(device: str) -> tuple[str, str | None]:
     if device in ("auto", "cpu") or importlib.util.find_spec("torch") is None:
         return device, None
     from llmlab_fixtures.errors import ModelUnavailable
-    from llmlab_fixtures.providers.transformers.provider import resolve_device
+    from llmlab_fixtures.models.torch_device import resolve_device
 
     try:
         resolve_device(device)

@@ -1,5 +1,5 @@
-"""In-process Hugging Face transformers: the provider, token trees and their attention, GGUF conversion
-and generation."""
+"""In-process Hugging Face transformers: the provider, where models come from (locate), log-likelihood scoring
+(token trees and their attention), generation and GGUF conversion."""
 
 from llmlab_fixtures.providers.base import Backend
 

@@ -1,4 +1,6 @@
-"""Continuous batching for transformers generation: a fixed set of rows, each refilled as soon as its reply ends.
+"""Greedy generation for the transformers provider: the ``GreedyGeneration`` mixin decodes with continuous batching
+(``generate_rows``: a fixed set of rows, each refilled as soon as its reply ends) or, for models whose attention
+cannot take that cache, with transformers' ``generate()`` on left-padded batches.
 
 ``generate()`` on a left-padded batch runs every row until the longest reply is done, copies its whole KV cache
 once per new token (``torch.cat``) and checks stop strings after each step; on a CPU the weights are read once per
@@ -18,7 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmlab_fixtures.providers.base import GenerationResult
+from llmlab_fixtures.providers.base import GenerationRequest, GenerationResult
 from llmlab_fixtures.providers.tokens import Reply, common_prefix_length
 
 PREFIX_MIN_TOKENS = 16  # a shared prefix shorter than this is prefilled again rather than copied
@@ -197,3 +199,143 @@ def _result(row: PromptRow, now: float) -> GenerationResult:
         evaluated_tokens=len(row.prompt) - row.reused,
         extra={"stop_reason": reply.reason, "reused_prompt_tokens": row.reused},
     )
+
+
+class _GenerationWatch:
+    """A StoppingCriteria for generate() on a padded batch: timestamps the first new token and ends each row's
+    Reply (EOG, a stop string or its own limit)."""
+
+    def __init__(self, render: Callable[[Sequence[int]], str | None], prompt_len: int,
+                 requests: Sequence[GenerationRequest]) -> None:
+        self.render = render
+        self.prompt_len = prompt_len
+        self.first_token_at: float | None = None
+        self.replies = [Reply([s for s in req.stop if s], req.max_new_tokens) for req in requests]
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        for row, reply in enumerate(self.replies):
+            if reply.reason is None:
+                reply.add(self.render(input_ids[row, self.prompt_len :].tolist()))
+        return torch.tensor([r.reason is not None for r in self.replies], dtype=torch.bool, device=input_ids.device)
+
+
+class GreedyGeneration:
+    """TransformersProvider's greedy generation (``generate``, ``generate_stream``).
+
+    It relies on the provider's loaded ``_model`` and ``_tokenizer``, its ``device``, ``dtype``, ``max_length``,
+    ``pad_id``, ``bos_id``, ``eog_ids``, ``generation_rows``, ``_attention``, ``_cache_kwarg``, ``_continuous``
+    (rows refilled as replies end, else left-padded batches) and ``_prefix_token``, and on its ``_require()``,
+    ``tokenize()`` and ``generate_batch()``.
+    """
+
+    _model: Any
+    _tokenizer: Any
+    device: str | None
+    dtype: Any
+    max_length: int
+    pad_id: int
+    bos_id: int | None
+    eog_ids: set[int]
+    generation_rows: int
+    _attention: str
+    _cache_kwarg: str
+    _continuous: bool
+
+    def generate(self, request: GenerationRequest) -> GenerationResult:
+        """Greedy decoding of one request (a batch of one)."""
+        return self.generate_batch([request])[0]
+
+    def generate_stream(self, requests: Sequence[GenerationRequest]) -> Iterator[tuple[int, GenerationResult]]:
+        """Greedy decoding, ``generation_rows`` prompts at a time, yielded as each reply ends at EOG, a stop string or
+        its limit. Each prompt is prefilled alone and its row takes the next prompt as soon as its reply ends
+        (transformers_generation); models whose attention cannot take that cache (sliding windows, other kernels)
+        generate in left-padded batches instead. Times run from when an item's prompt took its row."""
+        self._require()
+        active = [i for i, r in enumerate(requests) if r.max_new_tokens > 0]
+        for i, r in enumerate(requests):
+            if r.max_new_tokens <= 0:
+                yield i, GenerationResult("", len(self.tokenize(r.prompt)), 0, None, 0.0,
+                                          extra={"stop_reason": "length"})
+        if self._continuous:
+            for n, result in self._generate_continuously([requests[i] for i in active]):
+                yield active[n], result
+            return
+        for start in range(0, len(active), self.generation_rows):
+            chunk = active[start : start + self.generation_rows]
+            yield from zip(chunk, self._generate_rows([requests[i] for i in chunk]))
+
+    def _generation_prompt(self, request: GenerationRequest, max_new: int) -> list[int]:
+        """The request's prompt tokens, left-truncated so the prompt and ``max_new`` tokens fit the context."""
+        tokens = self.tokenize(request.prompt) or [self._prefix_token]
+        return tokens[-(self.max_length - max_new) :]
+
+    def _generate_continuously(self, requests: Sequence[GenerationRequest]) -> Iterator[tuple[int, GenerationResult]]:
+        import torch
+
+        if not requests:
+            return
+        prompts = []
+        for index, request in enumerate(requests):
+            reply = Reply([s for s in request.stop if s], max(1, min(request.max_new_tokens, self.max_length - 1)))
+            prompts.append((index, self._generation_prompt(request, reply.limit), reply))
+        capacity = max(len(prompt) + reply.limit for _, prompt, reply in prompts) + 1
+        mask_dtype = torch.bool if self._attention == "sdpa" else self.dtype
+        with torch.inference_mode():  # the cache's tensors are inference tensors: rows are copied in this mode too
+            yield from generate_rows(self._forward_rows, self._render, prompts, rows=self.generation_rows,
+                                     capacity=capacity, device=self.device, mask_dtype=mask_dtype)
+
+    def _decode(self, tokens: Sequence[int]) -> str:
+        return self._tokenizer.decode(list(tokens), skip_special_tokens=True)
+
+    def _render(self, tokens: Sequence[int]) -> str | None:
+        """A reply's text so far; None when its last token ends generation."""
+        return None if tokens and tokens[-1] in self.eog_ids else self._decode(tokens)
+
+    def _forward_rows(self, ids: Any, positions: Any, mask: Any, cache: Any) -> Any:
+        """One forward pass through a SlotCache: logits of each row's last position."""
+        return self._model(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=True,
+                           logits_to_keep=1, **{self._cache_kwarg: cache}).logits
+
+    def _generate_rows(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        import torch
+        from transformers import GenerationConfig, StoppingCriteriaList
+
+        started = time.perf_counter()
+        max_new = max(1, min(max(r.max_new_tokens for r in requests), self.max_length - 1))
+        prompts = [self._generation_prompt(req, max_new) for req in requests]
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for b, tokens in enumerate(prompts):
+            ids[b, width - len(tokens) :] = torch.tensor(tokens, dtype=torch.long)
+            mask[b, width - len(tokens) :] = 1
+        limited = [GenerationRequest(r.prompt, r.stop, min(r.max_new_tokens, max_new)) for r in requests]
+        watch = _GenerationWatch(self._render, width, limited)
+        config = GenerationConfig(do_sample=False, max_new_tokens=max_new, pad_token_id=self.pad_id,
+                                  eos_token_id=sorted(self.eog_ids) or None, bos_token_id=self.bos_id)
+        with torch.inference_mode():
+            output = self._model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                          generation_config=config, stopping_criteria=StoppingCriteriaList([watch]))
+        total = time.perf_counter() - started
+        ttft = None if watch.first_token_at is None else watch.first_token_at - started
+        results = []
+        for b, req in enumerate(limited):
+            reply = watch.replies[b]
+            if reply.reason is None:  # the batch ended at max_new_tokens before this row's watch saw it finish
+                reply.n_tokens, reply.reason = min(len(output[b]) - width, req.max_new_tokens), "length"
+                reply.text = self._decode(output[b, width : width + reply.n_tokens].tolist())
+            n_tokens, reason, text = reply.n_tokens, reply.reason, reply.text
+            results.append(GenerationResult(
+                text=text,
+                prompt_tokens=len(prompts[b]),
+                completion_tokens=n_tokens,
+                ttft_s=ttft,
+                total_s=total,
+                evaluated_tokens=len(prompts[b]),
+                extra={"stop_reason": reason, "batch_rows": len(requests)},
+            ))
+        return results

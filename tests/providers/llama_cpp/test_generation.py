@@ -127,7 +127,8 @@ def test_transformers_rows_refilled_give_the_replies_of_generate(data_dir: Path)
     """Rows refilled as replies end (continuous batching) answer as transformers' own generate() does one prompt
     at a time (lm-eval's batch size 1): same text, tokens and stop reason on every item."""
     pytest.importorskip("transformers")
-    from llmlab_fixtures.providers.transformers.provider import ModelSource, TransformersProvider
+    from llmlab_fixtures.providers.transformers.locate import ModelSource
+    from llmlab_fixtures.providers.transformers.provider import TransformersProvider
 
     provider = TransformersProvider(ModelSource("gguf", embedded_gguf(SMOLLM2)), "tf", device="cpu", threads=2)
     provider.initialize()

@@ -28,7 +28,8 @@ from llmlab_fixtures.models.specs import ModelSpec, parse_spec
 from llmlab_fixtures.providers import BackendSettings, check_available, create_provider
 from llmlab_fixtures.providers.base import GenerationRequest, LoglikelihoodRequest, LoglikelihoodResult
 from llmlab_fixtures.providers.llama_cpp.provider import LlamaCppProvider
-from llmlab_fixtures.providers.transformers.provider import TransformersProvider, _score_continuations, make_provider
+from llmlab_fixtures.providers.transformers.provider import TransformersProvider, make_provider
+from llmlab_fixtures.providers.transformers.scoring import _score_continuations
 from llmlab_fixtures.run.worker import default_threads
 from llmlab_fixtures.tasks import get_task
 
