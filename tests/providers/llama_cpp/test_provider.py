@@ -312,6 +312,7 @@ def test_gemma_shared_context_matches_scratch(gemma: LlamaCppProvider, gemma_pat
     with LlamaCppProvider(gemma_path, "gemma3-270m", n_ctx=512, reuse_prefix=False) as scratch:
         diffs = [compare(s, scratch.loglikelihood(arc_requests(item))) for s, item in zip(shared, items, strict=True)]
     print(f"gemma max |shared - scratch| logprob: {max(diffs):.2e}")
+    assert len(diffs) == 2 and max(diffs) < LOGPROB_TOL
 
 
 def _high_level_tokenize(path: Path, text: str, add_bos: bool) -> list[int]:
