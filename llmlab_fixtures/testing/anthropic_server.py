@@ -166,7 +166,7 @@ class AnthropicHandler(LoopbackHandler):
         return None
 
     def _event(self, name: str, data: dict[str, Any]) -> None:
-        self.write_chunk(f"event: {name}\ndata: {json.dumps(data)}\n\n".encode())
+        self.write_event(data, event=name)
 
     def _malformed(self, stream: bool, request_id: str) -> None:
         headers = {"request-id": request_id}

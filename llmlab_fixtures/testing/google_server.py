@@ -158,7 +158,7 @@ class GoogleHandler(LoopbackHandler):
         return {"candidates": [candidate], "usageMetadata": usage, "modelVersion": model, "responseId": response_id}
 
     def _data(self, payload: dict[str, Any]) -> None:
-        self.write_chunk(f"data: {json.dumps(payload)}\r\n\r\n".encode())
+        self.write_event(payload, newline="\r\n")
 
     def _malformed(self, sse: bool) -> None:
         if not sse:

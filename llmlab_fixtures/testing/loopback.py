@@ -1,11 +1,12 @@
-"""What the loopback API servers share: scripted faults, the threaded HTTP server, SSE/JSON handler plumbing,
-stop-sequence scanning and the backing model they load."""
+"""What the loopback API servers share: scripted faults, the threaded HTTP server, handler plumbing for JSON, text,
+SSE and NDJSON replies, stop-sequence scanning and the backing model they load."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import socket
+import socketserver
 import threading
 import time
 import uuid
@@ -14,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from llmlab_fixtures.testing.backing_model import BackingModel
 
@@ -191,10 +192,31 @@ class LoopbackServer:
             self.requests.append(request)
 
 
-class _Server(ThreadingHTTPServer):
+class LoopbackHTTPServer(ThreadingHTTPServer):
+    """The threaded HTTP server under every stand-in; its ``state`` is what the handlers serve from.
+
+    It binds without a reverse DNS lookup of its address, keeps quiet about clients that hang up, and knows its open
+    connections: ``stop(cut_connections=True)`` cuts them (pooled keep-alive ones too), as a server process that exits.
+    """
+
     daemon_threads = True
     allow_reuse_address = True
-    state: LoopbackServer
+
+    def __init__(self, address: tuple[str, int], handler: type[LoopbackHandler], state: Any = None) -> None:
+        self.state = state
+        self.connections: set[socket.socket] = set()
+        self.connections_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        super().__init__(address, handler)
+
+    def server_bind(self) -> None:
+        socketserver.TCPServer.server_bind(self)  # HTTPServer's would look the address up in DNS
+        host, port = self.server_address[:2]
+        self.server_name, self.server_port = str(host), int(port)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.server_name}:{self.server_port}"
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A client that hung up (timeouts, closed streams) is normal here; anything else is printed."""
@@ -203,51 +225,115 @@ class _Server(ThreadingHTTPServer):
         if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
             super().handle_error(request, client_address)
 
+    def start(self, *, poll_interval: float = 0.05, name: str = "loopback") -> LoopbackHTTPServer:
+        """Serve in a daemon thread until ``stop()``."""
+        self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": poll_interval},
+                                        daemon=True, name=name)
+        self._thread.start()
+        return self
+
+    def stop(self, *, cut_connections: bool = False) -> None:
+        """Stop accepting requests and close the socket; ``cut_connections``: also cut the open connections."""
+        self.shutdown()
+        if cut_connections:
+            self.close_connections()
+        self.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def close_connections(self) -> None:
+        with self.connections_lock:
+            connections = list(self.connections)
+        for conn in connections:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+
 
 class LoopbackHandler(BaseHTTPRequestHandler):
-    """HTTP/1.1 handler with JSON replies, chunked SSE streams and connection drops."""
+    """HTTP/1.1 handler with JSON and text replies, chunked SSE and NDJSON streams, and connection drops.
+
+    An API's conventions are class attributes: ``json_content_type`` and ``json_ensure_ascii`` for JSON bodies
+    (replies and NDJSON lines), ``stream_headers`` for the headers every stream carries.
+    """
 
     protocol_version = "HTTP/1.1"
-    server: _Server
+    server: LoopbackHTTPServer
     server_version = "llmlab-loopback/1"
+    json_content_type = "application/json"
+    json_ensure_ascii = True
+    stream_headers: ClassVar[dict[str, str]] = {"Cache-Control": "no-cache"}
+
+    def setup(self) -> None:
+        super().setup()
+        with self.server.connections_lock:
+            self.server.connections.add(self.connection)
+
+    def finish(self) -> None:
+        with self.server.connections_lock:
+            self.server.connections.discard(self.connection)
+        with contextlib.suppress(OSError):
+            super().finish()
 
     def log_message(self, format: str, *args: Any) -> None:  # quiet
         pass
 
     @property
     def state(self) -> LoopbackServer:
-        return self.server.state
+        return self.server.state  # type: ignore[no-any-return]
+
+    # requests
 
     def read_body(self) -> bytes:
+        """The request body, sent with a Content-Length or in chunked transfer encoding."""
+        if self.headers.get("transfer-encoding", "").lower() == "chunked":
+            parts = []
+            while True:
+                size = int(self.rfile.readline().split(b";", 1)[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):  # trailers
+                        pass
+                    return b"".join(parts)
+                parts.append(self.rfile.read(size))
+                self.rfile.readline()
         length = int(self.headers.get("content-length") or 0)
-        return self.rfile.read(length) if length else b""
+        return self.rfile.read(length) if length > 0 else b""
 
     def record(self, body: Any, auth: str | None) -> None:
         headers = {k.lower(): ("<redacted>" if k.lower() in _SECRET_HEADERS else v) for k, v in self.headers.items()}
         self.state.record(RecordedRequest(self.command, self.path, headers, body, auth))
 
+    # whole replies
+
+    def json_bytes(self, payload: Any) -> bytes:
+        return json.dumps(payload, ensure_ascii=self.json_ensure_ascii).encode("utf-8")
+
     def send_json(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
-        data = json.dumps(payload).encode("utf-8")
-        self.send_raw(status, data, "application/json", headers)
+        self.send_raw(status, self.json_bytes(payload), self.json_content_type, headers)
+
+    def send_text(self, status: int, text: str, headers: dict[str, str] | None = None) -> None:
+        self.send_raw(status, text.encode("utf-8"), "text/plain; charset=utf-8", headers)
 
     def send_raw(self, status: int, data: bytes, content_type: str, headers: dict[str, str] | None = None,
                  *, declared_length: int | None = None) -> None:
+        """A reply with a Content-Length (``declared_length`` may lie, for truncated bodies); no body to HEAD."""
         self.send_response(status)
-        self.send_header("content-type", content_type)
-        self.send_header("content-length", str(len(data) if declared_length is None else declared_length))
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data) if declared_length is None else declared_length))
         for name, value in (headers or {}).items():
             self.send_header(name, value)
         self.end_headers()
-        self.wfile.write(data)
+        if self.command != "HEAD":
+            self.wfile.write(data)
         self.wfile.flush()
 
-    def start_stream(self, headers: dict[str, str] | None = None) -> None:
+    # streams (chunked transfer encoding)
+
+    def start_stream(self, headers: dict[str, str] | None = None, *, content_type: str = "text/event-stream") -> None:
         self.send_response(200)
-        self.send_header("content-type", "text/event-stream")
-        self.send_header("cache-control", "no-cache")
-        self.send_header("transfer-encoding", "chunked")
-        for name, value in (headers or {}).items():
+        self.send_header("Content-Type", content_type)
+        for name, value in {**self.stream_headers, **(headers or {})}.items():
             self.send_header(name, value)
+        self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
         self.wfile.flush()
 
@@ -256,9 +342,21 @@ class LoopbackHandler(BaseHTTPRequestHandler):
             self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
             self.wfile.flush()
 
+    def write_event(self, data: Any, *, event: str | None = None, newline: str = "\n") -> None:
+        """One SSE event: ``data`` as JSON (a str goes as it is, e.g. ``[DONE]``), named by ``event`` if given."""
+        text = data if isinstance(data, str) else self.json_bytes(data).decode("utf-8")
+        head = f"event: {event}{newline}" if event is not None else ""
+        self.write_chunk(f"{head}data: {text}{newline}{newline}".encode())
+
+    def write_ndjson(self, payload: Any) -> None:
+        """One NDJSON line (``application/x-ndjson`` streams)."""
+        self.write_chunk(self.json_bytes(payload) + b"\n")
+
     def end_stream(self) -> None:
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
+
+    # misbehaving
 
     def hang_up(self) -> None:
         """Cut the connection now (mid-body, or before any reply)."""
@@ -274,20 +372,14 @@ class LoopbackHandler(BaseHTTPRequestHandler):
 
 
 def serve(handler: type[LoopbackHandler], state_factory: Any) -> Iterator[LoopbackServer]:
-    """Run ``handler`` on 127.0.0.1 (a free port) in a thread; yields the LoopbackServer state."""
-    server = _Server(("127.0.0.1", 0), handler)
-    host, port = server.server_address[:2]
-    state: LoopbackServer = state_factory(f"http://{host}:{port}")
-    server.state = state
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True,
-                              name=f"loopback-{handler.__name__}")
-    thread.start()
+    """Run ``handler`` on 127.0.0.1 (a free port) in a thread; yields the state ``state_factory(base_url)`` made."""
+    server = LoopbackHTTPServer(("127.0.0.1", 0), handler)
+    server.state = state_factory(server.url)
+    server.start(name=f"loopback-{handler.__name__}")
     try:
-        yield state
+        yield server.state
     finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+        server.stop()
 
 
 def load_backing(model_path: Path | None, n_ctx: int = 2048, threads: int = 1) -> BackingModel:

@@ -5,7 +5,9 @@ It answers the official ``ollama`` Python client (and curl) the way an Ollama se
 ``/api/version`` and ``/``; and, as Ollama does, OpenAI's wire format under ``/v1`` (``/v1/completions``,
 ``/v1/chat/completions``, ``/v1/models``) for the ``openai`` SDK: JSON or SSE streams, usage from llama.cpp's own
 counters (in a final chunk when ``stream_options.include_usage`` is set). Models load on first use and unload when
-their ``keep_alive`` runs out. Requests to one model are served one at a time. Start it by hand with::
+their ``keep_alive`` runs out. Requests to one model are served one at a time. The HTTP side (the threaded server,
+request bodies, JSON, NDJSON and SSE replies, connection drops) is ``loopback``'s, as for the other stand-ins.
+Start it by hand with::
 
     python -m llmlab_fixtures.testing.ollama_server [--port 11434] [--model TAG=PATH ...]
 """
@@ -21,21 +23,19 @@ import os
 import random
 import re
 import signal
-import socket
-import socketserver
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, ClassVar, TextIO
 
 from llmlab_fixtures.providers.ollama import normalize_tag
 from llmlab_fixtures.run.cores import available_cores
 from llmlab_fixtures.testing.backing_model import BackingModel
+from llmlab_fixtures.testing.loopback import LoopbackHandler, LoopbackHTTPServer
 
 VERSION = "0.0.0"  # what a development build of Ollama reports
 DEFAULT_PORT = 11434
@@ -269,32 +269,9 @@ class ModelSlot:
 # --- the HTTP side -----------------------------------------------------------------------------------------------
 
 
-class _HTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def __init__(self, address: tuple[str, int], app: OllamaServer) -> None:
-        self.app = app
-        self.connections: set[socket.socket] = set()
-        self.connections_lock = threading.Lock()
-        super().__init__(address, _Handler)
-
-    def server_bind(self) -> None:
-        socketserver.TCPServer.server_bind(self)  # no reverse DNS lookup of the address
-        host, port = self.server_address[:2]
-        self.server_name, self.server_port = str(host), int(port)
-
-    def close_connections(self) -> None:
-        """Cut every open connection (pooled keep-alive ones included), like a server process that exits."""
-        with self.connections_lock:
-            connections = list(self.connections)
-        for conn in connections:
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
-
-
 class _Reply:
-    """One response: a JSON object, or an NDJSON stream in chunked encoding; errors mid-stream become a line."""
+    """One response: a JSON object, or an NDJSON stream (chunked, headers with the first line); errors mid-stream
+    become a line."""
 
     content_type = "application/x-ndjson"
 
@@ -308,24 +285,21 @@ class _Reply:
         self.handler.send_json(status, body)
         self.started = True
 
-    def write(self, data: bytes) -> None:
-        """Send one chunk of the streamed body (the headers go out with the first)."""
+    def open(self) -> None:
+        """Start the stream (its headers go out before the first chunk)."""
         if not self.started:
-            self.handler.send_response(200)
-            self.handler.send_header("Content-Type", self.content_type)
-            self.handler.send_header("Transfer-Encoding", "chunked")
-            self.handler.end_headers()
+            self.handler.start_stream(content_type=self.content_type)
             self.started = True
-        self.handler.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
 
     def line(self, body: Any) -> None:
         """Send one streamed object."""
-        self.write(json.dumps(body, ensure_ascii=False).encode() + b"\n")
+        self.open()
+        self.handler.write_ndjson(body)
         self.chunks += 1
 
     def end(self) -> None:
         if self.stream and self.started:
-            self.handler.wfile.write(b"0\r\n\r\n")
+            self.handler.end_stream()
 
     def error(self, status: int, message: str) -> None:
         """Ollama's error reply: a status with ``{"error"}`` before any output, an ``{"error"}`` line after."""
@@ -386,7 +360,8 @@ class _OpenAIReply(_Reply):
         return {"index": 0, "delta" if streamed else "message": message, "finish_reason": finish}
 
     def event(self, body: Any) -> None:
-        self.write(b"data: " + json.dumps(body, ensure_ascii=False).encode() + b"\n\n")
+        self.open()
+        self.handler.write_event(body)
 
     def json(self, status: int, body: Any) -> None:
         if not self.forwarded or status != 200:
@@ -410,7 +385,7 @@ class _OpenAIReply(_Reply):
 
     def end(self) -> None:
         if self.stream and self.started:
-            self.write(b"data: [DONE]\n\n")
+            self.event("[DONE]")
         super().end()
 
     def error(self, status: int, message: str) -> None:
@@ -430,25 +405,21 @@ _POST_ROUTES = {"/api/generate": "generate", "/api/chat": "chat", "/api/show": "
                 "/v1/completions": "openai_completions", "/v1/chat/completions": "openai_chat"}
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class _Handler(LoopbackHandler):
+    """Ollama's routes on the loopback handler: JSON as Go's encoder writes it, NDJSON (``/api``) or SSE (``/v1``)."""
+
     server_version = "llmlab-ollama-loopback"
     sys_version = ""
-    server: _HTTPServer
+    json_content_type = "application/json; charset=utf-8"
+    json_ensure_ascii = False
+    stream_headers: ClassVar[dict[str, str]] = {}
 
-    def setup(self) -> None:
-        super().setup()
-        with self.server.connections_lock:
-            self.server.connections.add(self.connection)
-
-    def finish(self) -> None:
-        with self.server.connections_lock:
-            self.server.connections.discard(self.connection)
-        with contextlib.suppress(OSError):
-            super().finish()
+    @property
+    def app(self) -> OllamaServer:
+        return self.server.state  # type: ignore[no-any-return]
 
     def log_message(self, format: str, *args: Any) -> None:
-        self.server.app.log(f"{self.address_string()} {format % args}")
+        self.app.log(f"{self.address_string()} {format % args}")
 
     # routing
 
@@ -466,7 +437,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self, routes: Mapping[str, str]) -> None:
         path = self.path.split("?", 1)[0].rstrip("/") or "/"
-        body = self._read_body()
+        body = self.read_body()
         name = routes.get(path)
         if name is None:
             known = path in _GET_ROUTES or path in _POST_ROUTES
@@ -475,7 +446,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         reply = (_OpenAIReply if path.startswith("/v1/") else _Reply)(self, stream=False)
         try:
-            getattr(self.server.app, f"api_{name}")(self, body, reply)
+            getattr(self.app, f"api_{name}")(self, body, reply)
         except ApiError as exc:
             self._fail(reply, exc.status, exc.message)
         except (BrokenPipeError, ConnectionResetError):
@@ -488,44 +459,6 @@ class _Handler(BaseHTTPRequestHandler):
             reply.error(status, message)
         except OSError:
             self.close_connection = True
-
-    def _read_body(self) -> bytes:
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            parts = []
-            while True:
-                size = int(self.rfile.readline().split(b";", 1)[0].strip() or b"0", 16)
-                if size == 0:
-                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                        pass
-                    return b"".join(parts)
-                parts.append(self.rfile.read(size))
-                self.rfile.readline()
-        length = int(self.headers.get("Content-Length") or 0)
-        return self.rfile.read(length) if length > 0 else b""
-
-    def send_json(self, status: int, body: Any) -> None:
-        data = json.dumps(body, ensure_ascii=False).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json; charset=utf-8")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
-
-    def send_text(self, status: int, text: str) -> None:
-        data = text.encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "text/plain; charset=utf-8")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
-
-    def cut_connection(self) -> None:
-        """Fault injection: drop the connection as a crashing server would (no final chunk)."""
-        self.close_connection = True
-        with contextlib.suppress(OSError):
-            self.connection.shutdown(socket.SHUT_RDWR)
 
 
 # --- the server --------------------------------------------------------------------------------------------------
@@ -676,8 +609,8 @@ class OllamaServer:
         self._count_lock = threading.Lock()
         self._in_flight = 0
         self.peak_in_flight = 0  # the most generate/chat requests open at once (waiting for a slot included)
-        self._http: _HTTPServer | None = None
-        self._threads: list[threading.Thread] = []
+        self._http: LoopbackHTTPServer | None = None
+        self._reaper: threading.Thread | None = None
         self._stopping = threading.Event()
 
     # lifecycle
@@ -687,20 +620,17 @@ class OllamaServer:
         """Base URL, e.g. ``http://127.0.0.1:41234`` (what OLLAMA_HOST should be set to)."""
         if self._http is None:
             raise RuntimeError("the server is not running; call start()")
-        return f"http://127.0.0.1:{self._http.server_address[1]}"
+        return self._http.url
 
     def start(self) -> OllamaServer:
         """Bind 127.0.0.1:port (0 = a free port) and serve in background threads."""
         if self._http is not None:
             return self
         self._stopping.clear()
-        self._http = _HTTPServer(("127.0.0.1", self.port), self)
-        serve = threading.Thread(target=self._http.serve_forever, kwargs={"poll_interval": 0.2},
-                                 name="ollama-loopback", daemon=True)
-        reaper = threading.Thread(target=self._reap, name="ollama-loopback-keepalive", daemon=True)
-        self._threads = [serve, reaper]
-        for thread in self._threads:
-            thread.start()
+        self._http = LoopbackHTTPServer(("127.0.0.1", self.port), _Handler, state=self)
+        self._http.start(poll_interval=0.2, name="ollama-loopback")
+        self._reaper = threading.Thread(target=self._reap, name="ollama-loopback-keepalive", daemon=True)
+        self._reaper.start()
         return self
 
     def stop(self) -> None:
@@ -709,11 +639,9 @@ class OllamaServer:
         if http is None:
             return
         self._stopping.set()
-        http.shutdown()
-        http.close_connections()
-        http.server_close()
-        for thread in self._threads:
-            thread.join(timeout=5)
+        http.stop(cut_connections=True)  # pooled keep-alive connections too, like a server process that exits
+        if self._reaper is not None:
+            self._reaper.join(timeout=5)
         for slot in self.slots.values():
             if slot.lock.acquire(timeout=30):  # never free a model a request thread is still using
                 try:
@@ -1088,7 +1016,7 @@ class OllamaServer:
                 if reply.stream:
                     reply.line(chunk(piece))
                     if drop_after is not None and reply.chunks >= drop_after:
-                        handler.cut_connection()
+                        handler.hang_up()  # as a crashing server would: no final chunk
                         return
             if fail is not None:
                 raise RuntimeError(fail)
