@@ -32,6 +32,7 @@ from llmlab_fixtures.run.worker import (
     BenchSession,
     LoadedModel,
     backend_settings,
+    loglikelihood_sources,
     run_scoring,
 )
 
@@ -145,6 +146,7 @@ def pytest_report_header(config: pytest.Config) -> list[str] | None:
     lines = [f"llmlab: models {', '.join(m.label for m in run.models)}; scoring {run_scoring(run)}; "
              f"data {run.data_dir or 'Hugging Face Hub'}; results {run.output_dir}"]
     lines += [f"llmlab: {notice}" for notice in run.notices]
+    lines += [f"llmlab: {line}" for line in loglikelihood_sources(run)]
     if run.dropped_models:
         lines.append(f"llmlab: --local-only dropped {', '.join(run.dropped_models)}")
     if run.local_only:

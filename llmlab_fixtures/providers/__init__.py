@@ -45,6 +45,7 @@ __all__ = [
     "backends",
     "check_available",
     "create_provider",
+    "loglikelihood_unsupported",
 ]
 
 
@@ -84,6 +85,7 @@ class BackendSettings:
     dtype: str = "auto"  # transformers weights: auto, float32, float16, bfloat16
     quantization: str | None = None  # GGUF file by quantization (--quantization: a model without it is skipped)
     preferred_quantization: str | None = None  # from a preset: used where a model has it, else its default file
+    scoring: str = "auto"  # --scoring: loglik makes a server that cannot score log-likelihoods unavailable
 
 
 def _backend_module(spec: ModelSpec) -> ModuleType:
@@ -92,6 +94,16 @@ def _backend_module(spec: ModelSpec) -> ModuleType:
         raise ModelUnavailable(f"model {spec.raw!r}: unknown backend {spec.backend!r}; "
                                f"choose among {', '.join(b.name for b in backends())}")
     return importlib.import_module(backend.module)
+
+
+def loglikelihood_unsupported(spec: ModelSpec, settings: BackendSettings) -> str | None:
+    """Why ``spec`` cannot score multiple choice by log-likelihood, or None when it can (a server is probed once)."""
+    backend = backend_named(spec.backend)
+    if backend is None or backend.loglik:
+        return None
+    if backend.loglik_check is None:
+        return f"the {backend.name} backend answers by generation only"
+    return getattr(importlib.import_module(backend.module), backend.loglik_check)(spec, settings)
 
 
 def check_available(spec: ModelSpec, settings: BackendSettings) -> None:

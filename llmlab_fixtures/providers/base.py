@@ -21,6 +21,7 @@ class Backend:
     aliases: tuple[str, ...] = ()  # other prefixes users write (``gguf:``, ``hf:``, ``claude:``)
     in_process: bool = False  # loads weights into this process: cores, memory checks, speed figures
     loglik: bool = False  # scores multiple choice from its own log-probabilities
+    loglik_check: str | None = None  # else: a function of ``module`` that says, per model, why it cannot (or None)
     hosted: bool = False  # a remote API, billed by tokens; its data leaves the machine unless its URL is loopback
     url_spec: bool = False  # the spec names a server: ``<backend>:<base_url>#<model>``
     package: str | None = None  # the Python package it cannot run without (None: always importable)

@@ -20,15 +20,21 @@ import json
 import os
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from functools import cache
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from llmlab_fixtures.errors import ModelUnavailable
-from llmlab_fixtures.providers.base import Backend, GenerationRequest
+from llmlab_fixtures.providers import prompt_logprobs
+from llmlab_fixtures.providers.base import Backend, GenerationRequest, LoglikelihoodRequest, LoglikelihoodResult
 from llmlab_fixtures.providers.cloud import (
     ApiFailure,
     ApiKey,
+    ApiRequestFailed,
     CloudProvider,
+    RetryOutcome,
     StopPlan,
     StreamResult,
     TextCollector,
@@ -37,6 +43,7 @@ from llmlab_fixtures.providers.cloud import (
     malformed_failure,
     optional_key,
     require_key,
+    run_with_retries,
     sdk_connection_failure,
     short_reason,
     status_failure,
@@ -51,7 +58,8 @@ if TYPE_CHECKING:
 BACKENDS = (
     Backend("openai", __name__, rank=40, hosted=True, registry_key="openai", price_provider="openai",
             model_families=("gpt-", "o1", "o3", "o4")),
-    Backend("openai-compat", __name__, rank=50, hosted=True, url_spec=True, registry_key="openai-compat"),
+    Backend("openai-compat", __name__, rank=50, hosted=True, url_spec=True, registry_key="openai-compat",
+            loglik_check="loglikelihood_defect"),
 )
 
 OPENAI_KEY_VARIABLE = "OPENAI_API_KEY"
@@ -75,11 +83,15 @@ def _compat_key(spec: ModelSpec) -> ApiKey:
 
 
 def check_spec(spec: ModelSpec, settings: BackendSettings) -> None:
-    """Key and SDK for ``openai``; SDK, a reachable endpoint and a served model for ``openai-compat``."""
+    """Key and SDK for ``openai``; SDK, a reachable endpoint and a served model for ``openai-compat`` (with
+    ``--scoring loglik``, also prompt log-probabilities the probe accepts)."""
     if spec.backend == "openai-compat":
         key = _compat_key(spec)
         import_sdk(spec.label, "openai", "openai")
         _check_compat_endpoint(spec, settings, key)
+        if settings.scoring == "loglik" and (defect := loglikelihood_defect(spec, settings)):
+            raise ModelUnavailable(f"model {spec.label}: --scoring loglik needs prompt log-probabilities, but "
+                                   f"{spec.base_url}: {defect}; use --scoring generate")
         return
     require_key(spec.label, (OPENAI_KEY_VARIABLE,))
     import_sdk(spec.label, "openai", "openai")
@@ -106,6 +118,34 @@ def _check_compat_endpoint(spec: ModelSpec, settings: BackendSettings, key: ApiK
     if served and spec.target not in served and f"{spec.target}:latest" not in served:  # Ollama lists name:tag
         raise ModelUnavailable(f"model {spec.label}: {base_url} does not serve {spec.target!r}; it serves "
                                f"{', '.join(served[:10])} (write openai-compat:{base_url}#<one of them>)")
+
+
+def loglikelihood_defect(spec: ModelSpec, settings: BackendSettings) -> str | None:
+    """None when the server at ``spec.base_url`` returns correctly aligned prompt log-probabilities for
+    ``spec.target`` (one probe request per server and model), else what is wrong with them."""
+    key = _compat_key(spec).value
+    return _probe((spec.base_url or "").rstrip("/"), spec.target, key, float(settings.request_timeout), settings.seed)
+
+
+@cache
+def _probe(base_url: str, model: str, key: str, timeout: float, seed: int) -> str | None:
+    openai = import_sdk(model, "openai", "openai")
+    client = openai.OpenAI(api_key=key, base_url=base_url, timeout=timeout, max_retries=1)
+    client.organization = client.project = None
+    prompt = prompt_logprobs.probe_prompt()
+    try:
+        response = client.completions.create(**prompt_logprobs.request_body(model, prompt, seed))
+        return prompt_logprobs.probe_defect(prompt_logprobs.prompt_tokens(prompt_logprobs.first_choice(response),
+                                                                          prompt))
+    except prompt_logprobs.NoPromptLogprobs as exc:
+        return str(exc)
+    except openai.APIStatusError as exc:
+        return f"it refused a request for prompt log-probabilities ({exc.status_code}: " \
+               f"{_error_reason(exc.body, exc.message)})"
+    except openai.APIError as exc:
+        return f"the request for prompt log-probabilities failed: {short_reason(type(exc).__name__, exc)}"
+    finally:
+        client.close()
 
 
 def _compat_key_line(label: str, base_url: str, key: ApiKey, status: int) -> str:
@@ -237,3 +277,33 @@ class OpenAICompatProvider(_OpenAIBase):
             kwargs["stop"] = list(plan.sent)
         stream = client.completions.create(**kwargs)
         return self._consume(stream, plan, started, lambda choice: choice.text)
+
+    @property
+    def supports_loglikelihood(self) -> bool:  # type: ignore[override]
+        """Whether the server's prompt log-probabilities passed the probe (see prompt_logprobs)."""
+        return loglikelihood_defect(self.spec, self.settings) is None
+
+    def loglikelihood(self, requests: Sequence[LoglikelihoodRequest]) -> list[LoglikelihoodResult]:
+        """Each request scored from the server's echoed prompt log-probabilities, ``concurrency`` in flight."""
+        if len(requests) <= 1 or self.max_concurrency == 1:
+            return [self._score(request) for request in requests]
+        with ThreadPoolExecutor(min(self.max_concurrency, len(requests))) as pool:
+            return list(pool.map(self._score, requests))
+
+    def _score(self, request: LoglikelihoodRequest) -> LoglikelihoodResult:
+        prompt = request.context + request.continuation
+        client = self.client
+        outcome = RetryOutcome()
+
+        def attempt() -> Any:
+            return client.completions.create(**prompt_logprobs.request_body(self.model, prompt, self.seed))
+
+        try:
+            response = run_with_retries(attempt, self._classify, self.retry_policy, outcome)
+        except ApiFailure as failure:
+            raise self._failure_error(failure, outcome.retries) from None
+        try:
+            echoed = prompt_logprobs.prompt_tokens(prompt_logprobs.first_choice(response), prompt)
+            return prompt_logprobs.score(echoed, len(request.context))
+        except prompt_logprobs.NoPromptLogprobs as exc:
+            raise ApiRequestFailed(f"model {self.label}: {self.base_url}: {exc}", kind="malformed") from None

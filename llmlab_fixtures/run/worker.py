@@ -15,7 +15,7 @@ from llmlab_fixtures.eval.datasets import load_docs
 from llmlab_fixtures.eval.evaluator import evaluate
 from llmlab_fixtures.eval.summary import TaskSummary, summarize
 from llmlab_fixtures.models.specs import ModelSpec
-from llmlab_fixtures.providers import BackendSettings, Provider, create_provider
+from llmlab_fixtures.providers import BackendSettings, Provider, create_provider, loglikelihood_unsupported
 from llmlab_fixtures.reports.cost import CostSettings
 from llmlab_fixtures.reports.energy import measure_energy
 from llmlab_fixtures.reports.results_dir import PARTS_DIR, ItemWriter, atomic_write_text, part_path, unload_path
@@ -49,14 +49,30 @@ def backend_settings(config: RunConfig, threads: int | None = None) -> BackendSe
                            request_timeout=config.request_timeout, max_retries=config.max_retries,
                            concurrency=config.concurrency, max_memory=config.max_memory, n_ctx=config.ctx_size,
                            dtype=config.dtype, quantization=config.quantization,
-                           preferred_quantization=config.preferred_quantization)
+                           preferred_quantization=config.preferred_quantization, scoring=config.scoring)
 
 
 def run_scoring(config: RunConfig) -> str:
     """The multiple-choice method for the whole run: one table never mixes methods."""
     if config.scoring != "auto":
         return config.scoring
-    return "loglik" if all(m.info.loglik for m in config.models) else "generate"
+    settings = backend_settings(config)
+    return "loglik" if all(loglikelihood_unsupported(m, settings) is None for m in config.models) else "generate"
+
+
+def loglikelihood_sources(config: RunConfig) -> list[str]:
+    """For each served model that may score log-likelihoods: where its scores come from, or why it answers by
+    generation instead (said once, in the report header)."""
+    if config.scoring == "generate":
+        return []
+    settings = backend_settings(config)
+    lines = []
+    for spec in config.models:
+        if spec.info.loglik_check:
+            why = loglikelihood_unsupported(spec, settings)
+            lines.append(f"{spec.label}: log-likelihoods from the server's prompt log-probabilities (probe passed)"
+                         if why is None else f"{spec.label}: no log-likelihoods from {spec.base_url}: {why}")
+    return lines
 
 
 @dataclass

@@ -17,7 +17,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 
@@ -49,11 +49,12 @@ def _tail(path: Path, lines: int = 30) -> str:
 @contextlib.contextmanager
 def running_llama_cpp_openai_server(model_path: Path | str, model_alias: str = "smollm2", *, n_ctx: int = 2048,
                                     n_threads: int = 1, api_key: str | None = None,
-                                    startup_timeout: float = 120.0) -> Iterator[str]:
+                                    startup_timeout: float = 120.0, extra_args: Sequence[str] = ()) -> Iterator[str]:
     """Start the server on 127.0.0.1 and a free port; yields its base URL ``http://127.0.0.1:<port>/v1``.
 
     Waits until ``GET /v1/models`` answers; on a failed start raises RuntimeError with the server's log tail.
-    ``api_key``: make the server require this key. The process is terminated (then killed) on exit.
+    ``api_key``: make the server require this key; ``extra_args``: more server options (``--logits_all true``
+    for prompt log-probabilities). The process is terminated (then killed) on exit.
     """
     port = free_port()
     command = [sys.executable, "-m", "llmlab_fixtures.testing.no_repack",  # llama_cpp.server, weights not repacked
@@ -63,6 +64,7 @@ def running_llama_cpp_openai_server(model_path: Path | str, model_alias: str = "
     command += ["--n_threads", str(n_threads), "--n_threads_batch", str(n_threads)]
     if api_key is not None:
         command += ["--api_key", api_key]
+    command += list(extra_args)
     base_url = f"http://127.0.0.1:{port}/v1"
     with tempfile.TemporaryDirectory(prefix="llmlab-llama-server-") as tmp:
         log_path = Path(tmp) / "server.log"
