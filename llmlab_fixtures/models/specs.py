@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from llmlab_fixtures.errors import ConfigError
@@ -26,6 +26,7 @@ class ModelSpec:
     target: str  # alias, file path, repo id, Ollama tag or API model name
     entry: ModelEntry | None = None  # registry entry when target is an alias
     base_url: str | None = None  # openai-compat endpoints
+    more_urls: tuple[str, ...] = ()  # more servers of the same model (a fleet), after base_url
     api_key_env: str | None = None  # openai-compat: the variable holding that host's key (registry entries)
 
     @property
@@ -49,8 +50,13 @@ class ModelSpec:
         return f"{self.backend}:{short}"
 
     @property
+    def urls(self) -> tuple[str, ...]:
+        """Every server of this model: base_url, then the fleet's others."""
+        return (self.base_url, *self.more_urls) if self.base_url else self.more_urls
+
+    @property
     def is_local(self) -> bool:
-        return not self.info.hosted or _is_loopback_url(self.base_url)
+        return not self.info.hosted or all(_is_loopback_url(url) for url in self.urls or (None,))
 
 
 def _is_loopback_url(url: str | None) -> bool:
@@ -106,10 +112,13 @@ def parse_spec(raw: str, models: dict[str, ModelEntry], *, use_local: bool = Fal
 def _cloud_spec(raw: str, entry: ModelEntry) -> ModelSpec:
     backend = entry.cloud_backends[0]
     source = entry.sources[backend]
-    if backend_named(backend).url_spec:  # {base_url, model, api_key_env}
-        if not isinstance(source, dict) or not source.get("base_url") or not source.get("model"):
-            raise ConfigError(f"model {entry.alias!r}: its {backend} source needs base_url and model")
-        return ModelSpec(raw, backend, source["model"], entry, base_url=source["base_url"],
+    if backend_named(backend).url_spec:  # {base_url (one URL or a list: a fleet), model, api_key_env}
+        urls = source.get("base_url") if isinstance(source, dict) else None
+        urls = [urls] if isinstance(urls, str) else urls
+        if not urls or not all(isinstance(u, str) and u for u in urls) or not source.get("model"):
+            raise ConfigError(f"model {entry.alias!r}: its {backend} source needs base_url (a URL or a list of "
+                              "URLs) and model")
+        return ModelSpec(raw, backend, source["model"], entry, base_url=urls[0], more_urls=tuple(urls[1:]),
                          api_key_env=source.get("api_key_env"))
     return ModelSpec(raw, backend, str(source), entry)
 
@@ -141,13 +150,18 @@ def _unknown_model_message(name: str, models: dict[str, ModelEntry]) -> str:
 
 
 def parse_specs(value: str, models: dict[str, ModelEntry], *, use_local: bool = False) -> list[ModelSpec]:
-    """Parse a comma-separated ``--models`` value; duplicates are dropped, order kept."""
+    """Parse a comma-separated ``--models`` value; duplicates are dropped, order kept. One model served at several
+    URLs (``openai-compat:<url1>#m,openai-compat:<url2>#m``) is one model: a fleet over those servers."""
     specs: list[ModelSpec] = []
     for raw in value.split(","):
         if raw.strip():
             spec = parse_spec(raw, models, use_local=use_local)
-            if spec.label not in {s.label for s in specs}:
+            same = next((i for i, s in enumerate(specs) if s.label == spec.label), None)
+            if same is None:
                 specs.append(spec)
+            elif spec.info.url_spec and spec.base_url not in specs[same].urls:
+                specs[same] = replace(specs[same], raw=f"{specs[same].raw},{spec.raw}",
+                                      more_urls=(*specs[same].more_urls, *spec.urls))
     if not specs:
         raise ConfigError("--models is empty; give e.g. --models=local:smollm2-135m")
     return specs

@@ -49,6 +49,7 @@ from llmlab_fixtures.providers.cloud import (
     status_failure,
     transport_failure,
 )
+from llmlab_fixtures.providers.fleet import Fleet
 from llmlab_fixtures.run.network import is_loopback_host
 
 if TYPE_CHECKING:
@@ -88,18 +89,19 @@ def check_spec(spec: ModelSpec, settings: BackendSettings) -> None:
     if spec.backend == "openai-compat":
         key = _compat_key(spec)
         import_sdk(spec.label, "openai", "openai")
-        _check_compat_endpoint(spec, settings, key)
+        for url in spec.urls:  # every server of a fleet
+            _check_compat_endpoint(spec, url, settings, key)
         if settings.scoring == "loglik" and (defect := loglikelihood_defect(spec, settings)):
             raise ModelUnavailable(f"model {spec.label}: --scoring loglik needs prompt log-probabilities, but "
-                                   f"{spec.base_url}: {defect}; use --scoring generate")
+                                   f"{defect}; use --scoring generate")
         return
     require_key(spec.label, (OPENAI_KEY_VARIABLE,))
     import_sdk(spec.label, "openai", "openai")
 
 
-def _check_compat_endpoint(spec: ModelSpec, settings: BackendSettings, key: ApiKey) -> None:
-    """GET <base_url>/models within a few seconds; the model must be among the served ones if any are listed."""
-    base_url = (spec.base_url or "").rstrip("/")
+def _check_compat_endpoint(spec: ModelSpec, url: str | None, settings: BackendSettings, key: ApiKey) -> None:
+    """GET <url>/models within a few seconds; the model must be among the served ones if any are listed."""
+    base_url = (url or "").rstrip("/")
     headers = {"Authorization": f"Bearer {key.value}"} if key.variable else {}
     loopback = is_loopback_host(urlparse(base_url).hostname)
     opener = urllib.request.build_opener(*([urllib.request.ProxyHandler({})] if loopback else []))
@@ -121,10 +123,14 @@ def _check_compat_endpoint(spec: ModelSpec, settings: BackendSettings, key: ApiK
 
 
 def loglikelihood_defect(spec: ModelSpec, settings: BackendSettings) -> str | None:
-    """None when the server at ``spec.base_url`` returns correctly aligned prompt log-probabilities for
-    ``spec.target`` (one probe request per server and model), else what is wrong with them."""
+    """None when every server of ``spec`` returns correctly aligned prompt log-probabilities for ``spec.target``
+    (one probe request per server and model), else the first server's URL and what is wrong with its values."""
     key = _compat_key(spec).value
-    return _probe((spec.base_url or "").rstrip("/"), spec.target, key, float(settings.request_timeout), settings.seed)
+    for url in spec.urls:
+        base_url = url.rstrip("/")
+        if defect := _probe(base_url, spec.target, key, float(settings.request_timeout), settings.seed):
+            return f"{base_url}: {defect}"
+    return None
 
 
 @cache
@@ -154,9 +160,10 @@ def _compat_key_line(label: str, base_url: str, key: ApiKey, status: int) -> str
     return f"model {label}: {base_url} rejected the key in {key.variable} ({status}); check it or replace it"
 
 
-def make_provider(spec: ModelSpec, settings: BackendSettings) -> CloudProvider:
+def make_provider(spec: ModelSpec, settings: BackendSettings) -> CloudProvider | Fleet:
     if spec.backend == "openai-compat":
-        return OpenAICompatProvider(spec, settings, _compat_key(spec), (spec.base_url or "").rstrip("/"))
+        members = [OpenAICompatProvider(spec, settings, _compat_key(spec), url.rstrip("/")) for url in spec.urls]
+        return members[0] if len(members) == 1 else Fleet(members, spec.label)
     return OpenAIChatProvider(spec, settings, require_key(spec.label, (OPENAI_KEY_VARIABLE,)), openai_base_url())
 
 

@@ -71,7 +71,7 @@ def loglikelihood_sources(config: RunConfig) -> list[str]:
         if spec.info.loglik_check:
             why = loglikelihood_unsupported(spec, settings)
             lines.append(f"{spec.label}: log-likelihoods from the server's prompt log-probabilities (probe passed)"
-                         if why is None else f"{spec.label}: no log-likelihoods from {spec.base_url}: {why}")
+                         if why is None else f"{spec.label}: no log-likelihoods from {why}")
     return lines
 
 

@@ -139,6 +139,9 @@ class VllmState:
     served_name: str
     prompt_logprobs: bool = True
     requests: int = 0
+    prompts: list[str] = field(default_factory=list)  # every completion prompt served, in order
+    stop_after: int | None = None  # tests: the server dies (cutting open connections) after this many prompts
+    shutdown: Any = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -183,6 +186,12 @@ class VllmHandler(LoopbackHandler):
             scored = self.vllm.scorer.run(payload["prompt"], int(payload.get("max_tokens", 16)), stops, top_n)
         except ValueError as exc:
             return self.error(400, str(exc))
+        with self.vllm.lock:
+            self.vllm.prompts.append(payload["prompt"])
+            dies = self.vllm.stop_after is not None and len(self.vllm.prompts) >= self.vllm.stop_after
+        if dies:  # as a crashed server: no answer, open connections cut, nothing listening any more
+            threading.Thread(target=self.vllm.shutdown, daemon=True).start()
+            return self.hang_up()
         if payload.get("stream"):
             return self._stream(payload, scored, stops)
         self.send_json(200, self._completion(payload, scored, stops, logprobs, prompt_logprobs))
@@ -261,7 +270,8 @@ def running_vllm_server(model_path: Path | str, served_name: str, *, prompt_logp
     """Serve ``model_path`` as ``served_name`` on 127.0.0.1 in a thread; yields the state (``.url`` ends in /v1)."""
     scorer = PromptScorer(model_path, n_ctx=n_ctx, threads=threads)
     server = LoopbackHTTPServer(("127.0.0.1", port), VllmHandler)
-    server.state = VllmState(f"{server.url}/v1", scorer, served_name, prompt_logprobs)
+    server.state = VllmState(f"{server.url}/v1", scorer, served_name, prompt_logprobs,
+                             shutdown=lambda: server.stop(cut_connections=True))
     server.start(name="loopback-vllm")
     try:
         yield server.state
