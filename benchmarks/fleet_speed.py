@@ -15,7 +15,6 @@ import sys
 import time
 import urllib.request
 from contextlib import ExitStack
-from dataclasses import replace
 
 from bench_common import default_data_dir
 
@@ -23,7 +22,7 @@ from llmlab_fixtures.eval.datasets import load_docs
 from llmlab_fixtures.eval.evaluator import evaluate
 from llmlab_fixtures.models.gguf import SMOLLM2, embedded_gguf
 from llmlab_fixtures.models.registry import builtin_models
-from llmlab_fixtures.models.specs import parse_spec
+from llmlab_fixtures.models.specs import parse_specs
 from llmlab_fixtures.providers import BackendSettings, create_provider
 from llmlab_fixtures.tasks import get_task
 from llmlab_fixtures.testing.openai_server import free_port
@@ -52,8 +51,7 @@ def score(urls: list[str], task_name: str, items: int, concurrency: int) -> tupl
     """Seconds, predictions and the provider's info for ``items`` items through the servers at ``urls``."""
     task = get_task(task_name)
     docs = load_docs(task, default_data_dir())[:items]
-    spec = parse_spec(f"openai-compat:{urls[0]}#smollm2", builtin_models())
-    spec = replace(spec, more_urls=tuple(urls[1:]))
+    spec, = parse_specs(",".join(f"openai-compat:{url}#smollm2" for url in urls), builtin_models())
     provider = create_provider(spec, BackendSettings(concurrency=concurrency, scoring="loglik"))
     provider.initialize()
     started = time.perf_counter()

@@ -139,7 +139,7 @@ class Fleet(Provider):
         places = [data_location(url) for url in urls]
         kind = "cloud" if any(p.startswith("cloud") for p in places) else "loopback"
         location = f"{kind} {', '.join(p.split(' ', 1)[1] for p in places)}"
-        extra = {**info.extra, "base_url": info.extra.get("base_url"), "fleet": [host_of(u) for u in urls],
+        extra = {**info.extra, "fleet": [host_of(u) for u in urls],
                  "served": {host_of(self._url(i)): n for i, n in enumerate(self.served)},
                  "retired": {host_of(self._url(i)): why for i, why in self.retired.items()}}
         return ModelInfo(name=info.name, backend=info.backend, data_location=location, extra=extra)

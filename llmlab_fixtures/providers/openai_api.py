@@ -133,11 +133,19 @@ def loglikelihood_defect(spec: ModelSpec, settings: BackendSettings) -> str | No
     return None
 
 
+def _sdk_client(openai: Any, key: str, base_url: str, timeout: float, max_retries: int, *, compat: bool) -> Any:
+    """The SDK's client; for another host than OpenAI's, nothing of the user's OpenAI account (org, project)."""
+    client = openai.OpenAI(api_key=key, base_url=base_url, timeout=timeout, max_retries=max_retries)
+    if compat:
+        client.organization = None
+        client.project = None
+    return client
+
+
 @cache
 def _probe(base_url: str, model: str, key: str, timeout: float, seed: int) -> str | None:
     openai = import_sdk(model, "openai", "openai")
-    client = openai.OpenAI(api_key=key, base_url=base_url, timeout=timeout, max_retries=1)
-    client.organization = client.project = None
+    client = _sdk_client(openai, key, base_url, timeout, 1, compat=True)
     prompt = prompt_logprobs.probe_prompt()
     try:
         response = client.completions.create(**prompt_logprobs.request_body(model, prompt, seed))
@@ -189,11 +197,8 @@ class _OpenAIBase(CloudProvider):
 
     def _make_client(self) -> Any:
         openai = import_sdk(self.label, "openai", "openai")
-        client = openai.OpenAI(api_key=self.key.value, base_url=self.base_url, timeout=self.timeout, max_retries=0)
-        if self.spec.backend == "openai-compat":  # nothing of the user's OpenAI account goes to another host
-            client.organization = None
-            client.project = None
-        return client
+        return _sdk_client(openai, self.key.value, self.base_url, self.timeout, 0,
+                           compat=self.spec.backend == "openai-compat")
 
     def _classify(self, exc: BaseException) -> ApiFailure | None:
         import openai

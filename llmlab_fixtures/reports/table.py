@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from llmlab_fixtures.eval.summary import TaskSummary
@@ -40,9 +40,9 @@ def text_grid(header: Sequence[str], rows: Sequence[Sequence[str]], markdown: bo
 
 
 def comparison_table(summaries: Sequence[TaskSummary], markdown: bool = False, speeds: Sequence[SpeedFigure] = (),
-                     extra_rows: Sequence[Sequence[str]] = ()) -> list[str]:
+                     extra_rows: Sequence[tuple[str, Mapping[str, str]]] = ()) -> list[str]:
     """Datasets × models: each cell is the dataset's primary metric ± stderr, and items/s; then the llama-bench
-    style speed rows (pp512, tg128, ttft) when the speed module ran, ``extra_rows`` (a label and a cell per model)
+    style speed rows (pp512, tg128, ttft) when the speed module ran, ``extra_rows`` (a label and each model's cell)
     and where each model's data went."""
     models = list(dict.fromkeys([*(s.model for s in summaries), *(f.model for f in speeds)]))
     datasets = list(dict.fromkeys(s.dataset for s in summaries))
@@ -64,7 +64,7 @@ def comparison_table(summaries: Sequence[TaskSummary], markdown: bool = False, s
             cells.append(f"{fixed(metric['value'])} ± {fixed(metric['stderr'])} ({speed})")
         rows.append(cells)
     rows += speed_cells(speeds, models)
-    rows += [list(row) for row in extra_rows]
+    rows += [[label, *(cells.get(m, "-") for m in models)] for label, cells in extra_rows]
     locations = {f.model: f.data_location for f in speeds} | {s.model: s.data_location for s in summaries}
     rows.append(["data sent to", *(locations.get(m, "-") for m in models)])
     return text_grid(["dataset (metric)", *models], rows, markdown)

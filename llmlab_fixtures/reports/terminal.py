@@ -30,21 +30,18 @@ def terminal_report(report: Report, scoring: str) -> list[str]:
 
 def comparison_table_lines(report: Report) -> list[str]:
     """Datasets × models, then each model over all datasets: accuracy with its 95% interval, cost and memory."""
-    overall = {row.model: row for row in report.overall}
-    models = list(dict.fromkeys([*(s.model for s in report.summaries), *(f.model for f in report.speeds)]))
+    overall = report.overall
     extra = []
     if len(report.datasets) > 1:
-        extra.append(["all datasets (95% CI)", *(_overall_accuracy(overall.get(m)) for m in models)])
+        extra.append(("all datasets (95% CI)", {row.model: _overall_accuracy(row) for row in overall}))
     if overall:
-        extra.append(["cost / 1K items", *(money(overall[m].cost.per_1k_items) if m in overall else "-"
-                                           for m in models)])
-        extra.append(["peak memory (MB)", *(fixed(overall[m].peak_rss_mb, 0) if m in overall else "-"
-                                            for m in models)])
+        extra.append(("cost / 1K items", {row.model: money(row.cost.per_1k_items) for row in overall}))
+        extra.append(("peak memory (MB)", {row.model: fixed(row.peak_rss_mb, 0) for row in overall}))
     return comparison_table(report.summaries, speeds=report.speeds, extra_rows=extra)
 
 
-def _overall_accuracy(row: ComparisonRow | None) -> str:
-    if row is None or row.accuracy is None:
+def _overall_accuracy(row: ComparisonRow) -> str:
+    if row.accuracy is None:
         return "-"
     interval = f" [{fixed(row.ci95_low)}-{fixed(row.ci95_high)}]" if row.ci95_low is not None else ""
     return f"{fixed(row.accuracy)}{interval}"

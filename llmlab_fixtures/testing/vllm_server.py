@@ -39,7 +39,6 @@ class Scored:
     top: list[list[tuple[int, float]]]  # per token: the N most likely tokens at its position
     n_prompt: int
     finish_reason: str = "length"
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class PromptScorer:
@@ -49,6 +48,7 @@ class PromptScorer:
         self.llm = load_llama(model_path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, logits_all=True,
                               verbose=False, seed=0)
         self.add_bos = str(self.llm.metadata.get("tokenizer.ggml.add_bos_token", "true")).lower() == "true"
+        self.end_tokens = _end_tokens(self.llm)
         self.lock = threading.Lock()
 
     def tokenize(self, text: str) -> list[int]:
@@ -81,17 +81,17 @@ class PromptScorer:
                 top.append(_top(rows[i - 1], top_n))
             scored = Scored(ids, [], logprobs, top, len(ids))
             last = rows[-1]
-            text = ""
+            generated = b""
             for _ in range(max_tokens):
                 token = int(np.argmax(last))
-                if self.llm.token_eos() == token or token in _end_tokens(self.llm):
+                if token in self.end_tokens:
                     scored.finish_reason = "stop"
                     break
                 scored.ids.append(token)
                 scored.logprobs.append(float(last[token]))
                 scored.top.append(_top(last, top_n))
-                text = "".join(self.pieces(scored.ids[scored.n_prompt:]))
-                if any(stop in text for stop in stops):
+                generated += self.llm.detokenize([token])
+                if any(stop in generated.decode("utf-8", errors="ignore") for stop in stops):
                     scored.finish_reason = "stop"
                     break
                 self.llm.eval([token])
@@ -114,15 +114,11 @@ def _top(row: np.ndarray, n: int) -> list[tuple[int, float]]:
 
 
 def _end_tokens(llm: Any) -> set[int]:
-    """End-of-generation tokens besides EOS (end of turn), as llama.cpp treats them."""
-    ends = getattr(llm, "_llmlab_end_tokens", None)
-    if ends is None:
-        import llama_cpp
+    """End-of-generation tokens (EOS, end of turn), as llama.cpp treats them."""
+    import llama_cpp
 
-        vocab = llama_cpp.llama_model_get_vocab(llm.model)
-        ends = {t for t in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, t)}
-        llm._llmlab_end_tokens = ends
-    return ends
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    return {llm.token_eos(), *(t for t in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, t))}
 
 
 def _cut(text: str, stops: list[str]) -> str:
@@ -138,7 +134,6 @@ class VllmState:
     scorer: PromptScorer
     served_name: str
     prompt_logprobs: bool = True
-    requests: int = 0
     prompts: list[str] = field(default_factory=list)  # every completion prompt served, in order
     stop_after: int | None = None  # tests: the server dies (cutting open connections) after this many prompts
     shutdown: Any = None
@@ -169,8 +164,6 @@ class VllmHandler(LoopbackHandler):
             payload = json.loads(self.read_body() or b"null")
         except ValueError:
             return self.error(400, "request body is not valid JSON")
-        with self.vllm.lock:
-            self.vllm.requests += 1
         if self.path.split("?")[0] != "/v1/completions":
             return self.error(404, "Not Found", "NotFoundError")
         if not isinstance(payload, dict) or not isinstance(payload.get("prompt"), str):
